@@ -1,0 +1,123 @@
+"""`onestep run | status | show`: the command line, also behind `workflows/full.py`.
+
+    onestep run                          # the demo preset into ./artifacts
+    onestep run --config ci --storage /tmp/os --set encode.num_images=200 --dry-run
+    onestep status --config ci --storage /tmp/os
+    onestep show encode --config ci --storage /tmp/os
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from pipeline import config as C
+from pipeline import dag, store
+
+log = logging.getLogger("onestep")
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="demo", help="preset name or YAML file (default: demo)")
+    p.add_argument("--storage", default=None, help="artifact root URL (default: the preset's, ./artifacts)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set encode.resolution=64 (repeatable)")
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--only", nargs="+", default=[], metavar="STAGE", help="run just these stages, from cached upstream")
+    p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="recompute these stages and everything downstream")
+    p.add_argument("--until", default=None, metavar="STAGE", help="run this stage and what it needs, nothing after")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, run nothing")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="onestep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    add_run_args(sub.add_parser("run", help="compute the missing artifacts of the DAG"))
+    _add_config_args(sub.add_parser("status", help="a table of every stage's artifact"))
+    show = sub.add_parser("show", help="print one stage's manifest")
+    show.add_argument("stage")
+    _add_config_args(show)
+    return p
+
+
+def load(args: argparse.Namespace) -> C.Config:
+    return C.load_config(args.config, args.overrides, args.storage)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def format_plan(plan: dag.Plan) -> str:
+    lines = [f"{'stage':<10} {'key':<16}  {'stored':<8} action"]
+    for name in plan.selected:
+        action = ("force" if name in plan.forced else "run") if name in plan.to_run else "cached"
+        lines.append(f"{name:<10} {plan.keys[name]:<16}  {plan.states[name]:<8} {action}")
+    return "\n".join(lines)
+
+
+def status_table(cfg: C.Config) -> str:
+    nodes = dag.graph()
+    st = store.Store(cfg.storage)
+    keys = dag.cache_keys(nodes, cfg)
+    lines = [f"storage: {store.redact(st.root)}",
+             f"{'stage':<10} {'key':<16}  {'state':<8} {'size':>10} {'wall time':>10}"]
+    for name in nodes:
+        art = st.artifact(name, keys[name])
+        manifest = art.manifest()
+        state = "done" if manifest else art.state()
+        size = _size(manifest["size_bytes"]) if manifest else "-"
+        wall = f"{manifest['wall_time_s']:.1f} s" if manifest else "-"
+        lines.append(f"{name:<10} {keys[name]:<16}  {state:<8} {size:>10} {wall:>10}")
+    return "\n".join(lines)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    if args.dry_run:
+        print(C.dump(cfg))
+    plan = dag.run(cfg, args.only, args.force, args.until, dry_run=args.dry_run)
+    print(format_plan(plan))
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    cfg = load(args)
+    nodes = dag.graph()
+    if args.stage not in nodes:
+        raise ValueError(f"unknown stage {args.stage}; stages: {', '.join(nodes)}")
+    key = dag.cache_keys(nodes, cfg)[args.stage]
+    manifest = store.Store(cfg.storage).artifact(args.stage, key).manifest()
+    if manifest is None:
+        raise ValueError(f"no {args.stage} artifact (key {key}) in {store.redact(cfg.storage)}: "
+                         f"run `onestep run --until {args.stage}` with the same config first")
+    print(json.dumps(manifest, indent=2, sort_keys=True))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        if args.command == "status":
+            print(status_table(load(args)))
+            return 0
+        return cmd_show(args)
+    except ValueError as e:
+        print(f"onestep: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

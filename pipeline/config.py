@@ -1,0 +1,218 @@
+"""Typed configuration: one frozen dataclass per stage, YAML presets, `--set` overrides.
+
+A config file is YAML with a section per stage and the top-level fields of `Config`.
+It may name `base: PRESET_OR_FILE` to start from another one. Fields marked
+`throughput()` change speed, not results: they are left out of cache keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "workflows" / "configs"
+
+
+def throughput(default: Any) -> Any:
+    """A field that changes only speed (batch sizes, worker counts): not part of the cache key."""
+    return field(default=default, metadata={"throughput": True})
+
+
+def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{section}.{name} = {value!r}: expected one of {', '.join(choices)}")
+
+
+def _check_positive(section: str, **values: float) -> None:
+    for name, value in values.items():
+        if value <= 0:
+            raise ValueError(f"{section}.{name} = {value}: must be > 0")
+
+
+@dataclass(frozen=True)
+class EncodeConfig:
+    """Dataset -> WebDataset shards of pixels or VAE latents."""
+
+    source: str = "synthetic"  # synthetic | imagefolder | imagenet
+    path: str = ""  # dataset folder URL (imagefolder, imagenet)
+    resolution: int = 32  # output images are resolution x resolution (ADM centre crop)
+    num_images: int = 2000  # synthetic: how many; folders: first N of the sorted listing (0 = all)
+    num_classes: int = 10  # synthetic only; folders take it from their class folders
+    encoder: str = "rgb"  # rgb (pixels in [-1, 1]) | vae (posterior mean and std)
+    vae: str = "stabilityai/sd-vae-ft-mse"  # hub id, local folder or fsspec URL
+    shard_size: int = 1000  # samples per shard
+    max_corrupt_fraction: float = 0.01  # above this fraction of unreadable images the stage fails
+    batch: int = throughput(64)  # images per encoder call
+    num_tasks: int = throughput(0)  # 0: one task per shard; else shards grouped into this many tasks
+    num_cpus: float = throughput(1.0)  # per task
+    num_gpus: float = throughput(0.0)  # per task (1 on GPU clusters for the VAE)
+
+    def __post_init__(self) -> None:
+        _check_choice("encode", "source", self.source, ("synthetic", "imagefolder", "imagenet"))
+        _check_choice("encode", "encoder", self.encoder, ("rgb", "vae"))
+        _check_positive("encode", resolution=self.resolution, shard_size=self.shard_size,
+                        batch=self.batch, num_cpus=self.num_cpus)
+        if self.source == "synthetic" and (self.num_images <= 0 or self.num_classes <= 0):
+            raise ValueError("encode.num_images and encode.num_classes must be > 0 for the synthetic source")
+        if self.source != "synthetic" and not self.path:
+            raise ValueError(f"encode.source = {self.source} needs encode.path (the dataset folder URL)")
+        if not 0.0 <= self.max_corrupt_fraction <= 1.0:
+            raise ValueError("encode.max_corrupt_fraction must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run: where artifacts live, how work is executed, and every stage's config."""
+
+    preset: str = "demo"
+    storage: str = "./artifacts"
+    executor: str = "ray"  # ray | inline (same calls in-process, for debugging)
+    seed: int = 0
+    max_in_flight: int = throughput(64)  # Ray tasks submitted at once per map
+    encode: EncodeConfig = field(default_factory=EncodeConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("config", "executor", self.executor, ("ray", "inline"))
+        _check_positive("config", max_in_flight=self.max_in_flight)
+
+
+def stage_sections() -> dict[str, type]:
+    """Stage name -> its config dataclass."""
+    return {f.name: f.type_cls for f in _fields(Config) if f.type_cls is not None}
+
+
+@dataclass(frozen=True)
+class _Field:
+    name: str
+    hint: Any
+    type_cls: type | None  # the dataclass of a section, else None
+
+
+def _fields(cls: type) -> list[_Field]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        out.append(_Field(f.name, hint, hint if dataclasses.is_dataclass(hint) else None))
+    return out
+
+
+def result_fields(section: Any) -> dict[str, Any]:
+    """The fields of a section that affect results (the cache key's part of the config)."""
+    return {
+        f.name: _plain(getattr(section, f.name))
+        for f in dataclasses.fields(section)
+        if not f.metadata.get("throughput")
+    }
+
+
+def to_dict(obj: Any) -> Any:
+    """A config (or section) as plain JSON/YAML-able data."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    return _plain(obj)
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _coerce(where: str, hint: Any, value: Any) -> Any:
+    """Check `value` against a field's type hint; ints widen to floats, lists become tuples."""
+    origin = typing.get_origin(hint)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(where, item, v) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _coerce(where, options[0], value)
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise ValueError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], section: str) -> Any:
+    fields = {f.name: f for f in _fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(
+            f"unknown key {', '.join(section + k for k in unknown)}; "
+            f"valid keys{' of ' + section.rstrip('.') if section else ''}: {', '.join(sorted(fields))}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        f = fields[name]
+        if f.type_cls is not None:
+            if not isinstance(value, dict):
+                raise ValueError(f"{section}{name}: expected a mapping of fields, got {value!r}")
+            kwargs[name] = _build(f.type_cls, value, f"{section}{name}.")
+        else:
+            kwargs[name] = _coerce(f"{section}{name}", f.hint, value)
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def _load_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.yaml"
+        if not path.exists():
+            raise ValueError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())} "
+                             "(or pass the path of a YAML file)")
+    elif not path.exists():
+        raise ValueError(f"config file {path} does not exist")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    data.setdefault("preset", path.stem)
+    return _deep_merge(_load_yaml(base), data) if base else data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'teacher.lr=0.01' -> (['teacher', 'lr'], 0.01); the value is parsed as YAML."""
+    if "=" not in text:
+        raise ValueError(f"--set {text!r}: expected KEY=VALUE, e.g. --set encode.resolution=64")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def load_config(preset: str = "demo", overrides: list[str] = (), storage: str | None = None) -> Config:
+    """Preset name or YAML path, then `--set a.b=v` overrides, then `--storage`; validated."""
+    data = _load_yaml(preset)
+    for text in overrides:
+        keys, value = parse_override(text)
+        nested: Any = value
+        for k in reversed(keys):
+            nested = {k: nested}
+        data = _deep_merge(data, nested)
+    if storage is not None:
+        data["storage"] = storage
+    return _build(Config, data, "")
+
+
+def dump(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)

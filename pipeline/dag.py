@@ -1,0 +1,177 @@
+"""The stage graph: cache keys, deciding what to run, and running it.
+
+A stage's key is the first 16 hex digits of the sha256 of the canonical JSON of its name,
+VERSION, result-affecting config fields, the run seed and its upstream keys; so a change
+reruns that stage and everything downstream of it, nothing upstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from types import ModuleType
+from typing import Any
+
+from pipeline import config as C
+from pipeline import store
+from pipeline.executor import Executor, Resources, make_executor
+
+log = logging.getLogger("onestep")
+
+# Stage name -> module, in a topological order (each stage after its upstream stages).
+STAGE_MODULES: dict[str, str] = {
+    "encode": "stages.encode",
+}
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str
+    module: ModuleType
+    upstream: tuple[str, ...]
+    version: str
+
+
+def graph() -> dict[str, Node]:
+    nodes = {}
+    for name, module_name in STAGE_MODULES.items():
+        module = importlib.import_module(module_name)
+        nodes[name] = Node(name, module, tuple(module.UPSTREAM), str(module.VERSION))
+    return nodes
+
+
+def stage_key(node: Node, cfg: C.Config, upstream_keys: dict[str, str]) -> str:
+    payload = {
+        "stage": node.name,
+        "version": node.version,
+        "config": C.result_fields(getattr(cfg, node.name)),
+        "seed": cfg.seed,
+        "upstream": upstream_keys,
+    }
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def cache_keys(nodes: dict[str, Node], cfg: C.Config) -> dict[str, str]:
+    keys: dict[str, str] = {}
+    for node in nodes.values():
+        keys[node.name] = stage_key(node, cfg, {u: keys[u] for u in node.upstream})
+    return keys
+
+
+def _closure(nodes: dict[str, Node], start: set[str], downstream: bool) -> set[str]:
+    """`start` plus every stage upstream (or downstream) of it."""
+    edges = {n: set(nodes[n].upstream) for n in nodes}
+    if downstream:
+        edges = {n: {m for m in nodes if n in nodes[m].upstream} for n in nodes}
+    seen, todo = set(), list(start)
+    while todo:
+        n = todo.pop()
+        if n not in seen:
+            seen.add(n)
+            todo.extend(edges[n])
+    return seen
+
+
+@dataclass
+class Plan:
+    keys: dict[str, str]
+    states: dict[str, str]  # done | partial | missing (before forcing)
+    selected: list[str]  # stages this invocation is about, in order
+    to_run: list[str]  # of those, what will be computed
+    forced: list[str] = field(default_factory=list)
+
+
+def _check_names(nodes: dict[str, Node], names: list[str], flag: str) -> None:
+    for name in names:
+        if name not in nodes:
+            raise ValueError(f"{flag} {name}: unknown stage; stages: {', '.join(nodes)}")
+
+
+def make_plan(nodes: dict[str, Node], cfg: C.Config, st: store.Store, only: list[str] = (),
+              force: list[str] = (), until: str | None = None) -> Plan:
+    _check_names(nodes, [*only, *force, *([until] if until else [])], "--only/--force/--until")
+    keys = cache_keys(nodes, cfg)
+    states = {n: st.artifact(n, keys[n]).state() for n in nodes}
+    if only:
+        selected = set(only)
+    elif until:
+        selected = _closure(nodes, {until}, downstream=False)
+    else:
+        selected = set(nodes)
+    forced = _closure(nodes, set(force), downstream=True) if force else set()
+    order = [n for n in nodes if n in selected]
+    to_run = [n for n in order if n in forced or states[n] != "done"]
+    for n in to_run:
+        for u in nodes[n].upstream:
+            if u not in selected and states[u] != "done":
+                raise ValueError(
+                    f"stage {n} needs the {u} artifact (key {keys[u]}), which is not in storage "
+                    f"{store.redact(st.root)}: run `onestep run --until {u}` (same config) first"
+                )
+    return Plan(keys, states, order, to_run, [n for n in order if n in forced])
+
+
+@dataclass
+class StageContext:
+    """What a stage's `run(ctx, cfg, inputs)` gets: where to write, how to fan out, the run seed."""
+
+    artifact: store.Artifact
+    executor: Executor
+    seed: int
+    log: logging.Logger = log
+
+    def map(self, fn: Any, items: list[Any], resources: Resources = Resources(), desc: str = "") -> list[Any]:
+        return self.executor.map(fn, items, resources, desc)
+
+
+def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor) -> dict[str, Any]:
+    artifact = st.artifact(node.name, keys[node.name])
+    section = getattr(cfg, node.name)
+    inputs = {u: st.artifact(u, keys[u]) for u in node.upstream}
+    ctx = StageContext(artifact, executor, cfg.seed)
+    log.info("%s: running (key %s) -> %s", node.name, keys[node.name], store.redact(artifact.url))
+    start = time.time()
+    outputs = node.module.run(ctx, section, inputs) or {}
+    manifest = {
+        "stage": node.name,
+        "key": keys[node.name],
+        "version": node.version,
+        "config": C.to_dict(section),
+        "seed": cfg.seed,
+        "upstream": {u: keys[u] for u in node.upstream},
+        "outputs": outputs,
+        "wall_time_s": round(time.time() - start, 3),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    return artifact.commit(manifest)
+
+
+def run(cfg: C.Config, only: list[str] = (), force: list[str] = (), until: str | None = None,
+        dry_run: bool = False, executor: Executor | None = None) -> Plan:
+    """Compute the missing (or forced) artifacts of the selected stages, in order."""
+    nodes = graph()
+    st = store.Store(cfg.storage)
+    plan = make_plan(nodes, cfg, st, only, force, until)
+    if dry_run or not plan.to_run:
+        return plan
+    store.check_writable(st.root)
+    if executor is None:
+        check_executor_storage(cfg.executor, st.root)
+        executor = make_executor(cfg.executor, cfg.max_in_flight)
+    for name in plan.forced:
+        st.artifact(name, plan.keys[name]).delete()
+    for name in plan.to_run:
+        run_stage(nodes[name], cfg, st, plan.keys, executor)
+    return plan
+
+
+def check_executor_storage(executor: str, root: str) -> None:
+    if executor == "ray" and store.protocol(root) == "memory":
+        raise ValueError("memory:// storage lives inside one process, so Ray workers cannot see it: "
+                         "use --set executor=inline, or a local path / s3:// URL as --storage")

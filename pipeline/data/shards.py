@@ -1,0 +1,111 @@
+"""WebDataset shard I/O: deterministic writing, and the reader every training stage uses.
+
+A sample is keyed by its dataset index and holds `npy` (the array), `cls` (class index)
+and `src` (source id). Shards are named `{prefix}-{shard:06d}.tar`.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from collections.abc import Iterable, Iterator
+from functools import partial
+from itertools import islice
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from pipeline import store
+
+
+def shard_name(prefix: str, shard: int) -> str:
+    return f"{prefix}-{shard:06d}.tar"
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def write_shard(url: str, samples: Iterable[dict[str, Any]]) -> int:
+    """Write samples ({'key', 'npy', 'cls', 'src', ...}) to one tar; byte-identical for equal input.
+
+    Extra array fields (e.g. 'noise', 'target') are written as `{name}.npy`. Returns the count.
+    """
+    count = 0
+    with store.open_url(url, "wb") as f:
+        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        for sample in samples:
+            writer.write(_encode_sample(sample))
+            count += 1
+        writer.close()
+    return count
+
+
+def _encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"__key__": sample["key"]}
+    for name, value in sample.items():
+        if name == "key":
+            continue
+        if isinstance(value, np.ndarray):
+            out[name if name == "npy" else f"{name}.npy"] = _npy_bytes(value)
+        else:
+            out[name] = str(value).encode()
+    return out
+
+
+def decode_sample(sample: dict[str, Any], field: str = "npy") -> tuple[np.ndarray, int]:
+    array = np.load(io.BytesIO(sample[field]), allow_pickle=False)
+    return array, int(sample["cls"])
+
+
+def _collate(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    arrays, labels = zip(*batch)
+    return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64)
+
+
+def _split_rank(urls: Iterator[Any], rank: int, world_size: int) -> Iterator[Any]:
+    return islice(urls, rank, None, world_size)
+
+
+def _loader_worker_seed(rank: int) -> int:
+    info = torch.utils.data.get_worker_info()
+    return rank * 1000 + (info.id if info is not None else 0)
+
+
+def reader(
+    urls: list[str],
+    batch_size: int,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    seed: int = 0,
+    shuffle_buffer: int = 0,
+    resampled: bool = False,
+    num_batches: int | None = None,
+) -> wds.DataPipeline:
+    """Batches of (stored array [B, C, H, W] float16, label [B] int64).
+
+    Plain mode: rank r reads shards r, r + world_size, ...; loader workers split those; every
+    sample once. Resampled mode: every rank draws shards at random forever (seeded by seed and
+    rank); `num_batches` then gives all ranks the same number of batches, as DDP needs.
+    """
+    store.register_webdataset_schemes()
+    if not urls:
+        raise ValueError("no shards to read: the encode artifact lists no shards")
+    if resampled:
+        shards: list[Any] = [wds.ResampledShards(urls, seed=seed, deterministic=True,
+                                                 worker_seed=partial(_loader_worker_seed, rank))]
+    else:
+        shards = [wds.SimpleShardList(urls), partial(_split_rank, rank=rank, world_size=world_size),
+                  wds.split_by_worker]
+    stages = [*shards, wds.tarfile_to_samples()]
+    if shuffle_buffer > 0:
+        stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer,
+                                  rng=random.Random(seed * 7919 + rank)))
+    stages += [wds.map(decode_sample), wds.batched(batch_size, collation_fn=_collate, partial=not resampled)]
+    pipeline = wds.DataPipeline(*stages)
+    return pipeline.with_epoch(num_batches) if num_batches is not None else pipeline
