@@ -153,9 +153,10 @@ def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], 
 
 
 def run(cfg: C.Config, only: list[str] = (), force: list[str] = (), until: str | None = None,
-        dry_run: bool = False, executor: Executor | None = None) -> Plan:
+        dry_run: bool = False, executor: Executor | None = None,
+        nodes: dict[str, Node] | None = None) -> Plan:
     """Compute the missing (or forced) artifacts of the selected stages, in order."""
-    nodes = graph()
+    nodes = nodes or graph()
     st = store.Store(cfg.storage)
     plan = make_plan(nodes, cfg, st, only, force, until)
     if dry_run or not plan.to_run:

@@ -73,6 +73,10 @@ def init_ray() -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
 
 
+def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
+    return fn(item)
+
+
 class RayExecutor:
     """Runs each call as a Ray task; results come back in the order of `items`."""
 
@@ -95,8 +99,9 @@ class RayExecutor:
             resources: Resources = Resources(), desc: str = "") -> list[Any]:
         import ray
 
-        task = ray.remote(fn).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                                      max_retries=self.max_retries)
+        task = ray.remote(_apply).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
+                                          max_retries=self.max_retries)
+        fn_ref = ray.put(fn)  # shipped once, however many items
         results: list[Any] = [None] * len(items)
         pending: dict[Any, int] = {}
         todo = iter(enumerate(items))
@@ -104,7 +109,7 @@ class RayExecutor:
             try:
                 while True:
                     for i, item in todo:
-                        pending[task.remote(item)] = i
+                        pending[task.remote(fn_ref, item)] = i
                         if len(pending) >= self.max_in_flight:
                             break
                     if not pending:

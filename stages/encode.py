@@ -120,7 +120,7 @@ def run(ctx: StageContext, cfg: EncodeConfig, inputs: dict[str, Artifact]) -> di
     source = make_source(cfg, ctx.seed)
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
     encoder = make_encoder(cfg.encoder, cfg.vae, device)
-    encoder.check()
+    encoder_info = encoder.info()  # a VAE that cannot be loaded fails here, before any task
     num_shards = math.ceil(len(source) / cfg.shard_size)
     max_corrupt = int(cfg.max_corrupt_fraction * len(source))
     job = ShardJob(ctx.artifact, source, encoder, cfg.shard_size, cfg.batch, max_corrupt)
@@ -148,6 +148,6 @@ def run(ctx: StageContext, cfg: EncodeConfig, inputs: dict[str, Artifact]) -> di
         "class_names": list(source.class_names),
         "class_counts": {str(k): counts[k] for k in sorted(counts)},
         "shape": [encoder.stored_channels, cfg.resolution // down, cfg.resolution // down],
-        "encoder": encoder.info(),
+        "encoder": encoder_info,
         "skipped": {"count": len(skipped), "first": skipped[:10]},
     }

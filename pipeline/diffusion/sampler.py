@@ -16,7 +16,9 @@ def time_steps(
 ) -> torch.Tensor:
     """Noise levels t_0 = sigma_max > ... > t_{N-1} = sigma_min, then t_N = 0; float64 [N+1]."""
     if num_steps < 1 or not 0 < sigma_min < sigma_max:
-        raise ValueError(f"need num_steps >= 1 and 0 < sigma_min < sigma_max, got {num_steps}, {sigma_min}, {sigma_max}")
+        raise ValueError(
+            f"need num_steps >= 1 and 0 < sigma_min < sigma_max, got {num_steps}, {sigma_min}, {sigma_max}"
+        )
     i = torch.arange(num_steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     t = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho  # papers.md: Karras rho schedule

@@ -64,7 +64,8 @@ class FeatureStats:
         return (self.sum_outer - self.count * np.outer(mu, mu)) / (self.count - 1)
 
     def to_dict(self) -> dict[str, np.ndarray]:
-        return {"count": np.array(self.count, np.int64), "sum": self.sum.copy(), "sum_outer": self.sum_outer.copy()}
+        count = np.array(self.count, np.int64)
+        return {"count": count, "sum": self.sum.copy(), "sum_outer": self.sum_outer.copy()}
 
     @classmethod
     def from_dict(cls, d: dict[str, np.ndarray]) -> "FeatureStats":

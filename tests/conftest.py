@@ -1,0 +1,59 @@
+"""Shared fixtures: one local Ray instance and one moto S3 server per test session.
+
+Nothing here downloads: Hugging Face is offline, Ray and S3 stay on 127.0.0.1.
+"""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+os.environ.pop("RAY_ADDRESS", None)
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))  # `import helpers`
+# Ray workers import test modules' task functions by module name: give them the same paths.
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    [str(TESTS), *(str(TESTS / d) for d in ("unit", "stages", "e2e")), os.environ.get("PYTHONPATH", "")]
+)
+
+BUCKET = "onestep-test"
+
+
+@pytest.fixture(scope="session")
+def s3_bucket() -> str:
+    """A real S3 API (moto) on 127.0.0.1 with an empty bucket; returns 's3://bucket'.
+
+    The endpoint and dummy credentials go into the environment, as a user's would, so Ray
+    workers started afterwards see them too.
+    """
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    os.environ.update({
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "FSSPEC_S3_ENDPOINT_URL": f"http://{host}:{port}",
+    })
+    fsspec.config.set_conf_env(fsspec.config.conf)
+    fsspec.filesystem("s3").mkdir(BUCKET)
+    yield f"s3://{BUCKET}"
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session(s3_bucket: str):
+    """The one local Ray instance (2 CPUs here) that every Ray test shares."""
+    import ray
+
+    from pipeline.executor import init_ray
+
+    init_ray()
+    yield
+    ray.shutdown()

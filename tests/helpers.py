@@ -1,0 +1,90 @@
+"""Small on-disk datasets and models for tests: plain functions, not fixtures."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# (extension, PIL format, mode) cycled over the files of a class folder.
+_FORMATS = (
+    (".jpg", "JPEG", "RGB"),
+    (".png", "PNG", "L"),
+    (".png", "PNG", "RGBA"),
+    (".jpeg", "JPEG", "CMYK"),
+    (".webp", "WEBP", "RGB"),
+    (".JPG", "JPEG", "L"),
+    (".png", "PNG", "P"),
+)
+
+
+def image_bytes(seed: int, size: tuple[int, int], fmt: str = "JPEG", mode: str = "RGB") -> bytes:
+    """A deterministic smooth random image (width, height) encoded as `fmt` in `mode`."""
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    img = Image.fromarray(coarse).resize(size, Image.Resampling.BICUBIC)
+    if mode == "RGBA":
+        img.putalpha(Image.linear_gradient("L").resize(size))
+    else:
+        img = img.convert(mode)
+    out = io.BytesIO()
+    img.save(out, format=fmt)
+    return out.getvalue()
+
+
+def make_image_folder(root: Path, classes: dict[str, int], size: tuple[int, int] = (40, 30),
+                      corrupt: list[str] = ()) -> Path:
+    """`root/<class>/...` with `n` images per class in mixed formats and modes (every third
+    one in a sub-folder), a non-image file, and `corrupt` (relative paths) as a garbage file
+    ('.png') or a truncated JPEG (other extensions)."""
+    for c, (name, count) in enumerate(sorted(classes.items())):
+        for i in range(count):
+            ext, fmt, mode = _FORMATS[i % len(_FORMATS)]
+            sub = "sub/" if i % 3 == 2 else ""
+            path = root / name / f"{sub}img{i:03d}{ext}"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(image_bytes(100 * c + i, size, fmt, mode))
+        (root / name / "notes.txt").write_text("not an image")
+    for rel in corrupt:
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        good = image_bytes(0, size)
+        path.write_bytes(b"\x89PNG garbage" * 8 if rel.endswith(".png") else good[: len(good) // 2])
+    return root
+
+
+def make_imagenet(root: Path, synsets: list[str], per_class: int, as_tars: bool) -> Path:
+    """ILSVRC2012 train layout: `root/<synset>/<synset>_<i>.JPEG`, or `root/<synset>.tar`."""
+    root.mkdir(parents=True, exist_ok=True)
+    for c, synset in enumerate(synsets):
+        files = {f"{synset}_{i}.JPEG": image_bytes(1000 * c + i, (50 + 7 * i, 40))
+                 for i in range(per_class)}
+        if as_tars:
+            with tarfile.open(root / f"{synset}.tar", "w") as tar:
+                for name, data in files.items():
+                    info = tarfile.TarInfo(name)
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        else:
+            (root / synset).mkdir()
+            for name, data in files.items():
+                (root / synset / name).write_bytes(data)
+    return root
+
+
+def save_tiny_vae(path: Path) -> str:
+    """A random two-block AutoencoderKL (downsamples by 2, 4 latent channels), saved offline."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(32, 64), latent_channels=4, layers_per_block=1, norm_num_groups=32,
+        sample_size=32,
+    )
+    vae.save_pretrained(path)
+    return str(path)

@@ -1,0 +1,71 @@
+import pytest
+
+from pipeline import config as C
+
+
+def test_presets_load_and_ci_inherits_demo():
+    demo = C.load_config("demo")
+    ci = C.load_config("ci")
+    assert demo.preset == "demo" and ci.preset == "ci"
+    assert ci.encode.resolution == 16 and demo.encode.resolution == 32
+    assert ci.encode.num_classes == demo.encode.num_classes  # inherited through `base: demo`
+    assert {"demo", "ci"} <= set(C.preset_names())
+
+
+def test_overrides_are_typed():
+    cfg = C.load_config("ci", ["encode.resolution=64", "encode.max_corrupt_fraction=0", "seed=3"])
+    assert cfg.encode.resolution == 64 and cfg.seed == 3
+    assert isinstance(cfg.encode.max_corrupt_fraction, float)  # int widened to the field's float
+    with pytest.raises(ValueError, match=r"encode.resolution: expected int, got 'abc'"):
+        C.load_config("ci", ["encode.resolution=abc"])
+    with pytest.raises(ValueError, match="expected int"):
+        C.load_config("ci", ["encode.resolution=true"])
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        C.load_config("ci", ["encode.resolution"])
+
+
+def test_unknown_keys_list_the_valid_ones():
+    with pytest.raises(ValueError) as e:
+        C.load_config("ci", ["encode.resolutoin=64"])
+    assert "encode.resolutoin" in str(e.value) and "resolution" in str(e.value) and "shard_size" in str(e.value)
+    with pytest.raises(ValueError, match="valid keys: encode, executor"):
+        C.load_config("ci", ["nope=1"])
+
+
+def test_values_are_validated():
+    with pytest.raises(ValueError, match="encode.source = 'webcam': expected one of synthetic, imagefolder, imagenet"):
+        C.load_config("ci", ["encode.source=webcam"])
+    with pytest.raises(ValueError, match="needs encode.path"):
+        C.load_config("ci", ["encode.source=imagefolder"])
+    with pytest.raises(ValueError, match="executor"):
+        C.load_config("ci", ["executor=slurm"])
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset 'nope'.*ci"):
+        C.load_config("nope")
+    with pytest.raises(ValueError, match="does not exist"):
+        C.load_config(str(tmp_path / "missing.yaml"))
+
+
+def test_yaml_file_with_base_and_storage_override(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("base: ci\nencode:\n  num_images: 50\n")
+    cfg = C.load_config(str(path), storage="memory://x")
+    assert cfg.preset == "mine" and cfg.encode.num_images == 50 and cfg.encode.resolution == 16
+    assert cfg.storage == "memory://x"
+
+
+def test_result_fields_leave_out_throughput():
+    cfg = C.load_config("ci")
+    fields = C.result_fields(cfg.encode)
+    assert "resolution" in fields and "batch" not in fields and "num_tasks" not in fields
+
+
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = C.load_config("ci", ["encode.num_images=77"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(C.dump(cfg))
+    assert C.load_config(str(path)) == cfg
