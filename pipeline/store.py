@@ -129,10 +129,13 @@ def copy_to_local(url: str, local_dir: str) -> str:
     fs, path = _fs(url)
     target = os.path.join(local_dir, os.path.basename(path.rstrip("/")))
     if not os.path.exists(target):
-        partial = target + ".partial"
+        partial = f"{target}.partial-{os.getpid()}"  # per process: tasks on one node may race here
         shutil.rmtree(partial, ignore_errors=True)
         fs.get(path, partial, recursive=fs.isdir(path))
-        os.replace(partial, target)
+        try:
+            os.replace(partial, target)
+        except OSError:  # another process finished first
+            shutil.rmtree(partial, ignore_errors=True)
     return target
 
 

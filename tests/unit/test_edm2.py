@@ -76,7 +76,7 @@ def explicit_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
     """softmax(q^T k / sqrt(c)) v written out, with the channel layout [3, heads, c_head]."""
     b, c3, h, w = qkv.shape
     q, k, v = qkv.reshape(b, 3, num_heads, c3 // (3 * num_heads), h * w).unbind(1)
-    q, k, v = (y / y.square().mean(dim=2, keepdim=True).sqrt() for y in (q, k, v))
+    q, k, v = (y / (1e-4 + y.square().mean(dim=2, keepdim=True).sqrt()) for y in (q, k, v))
     logits = torch.einsum("bhcq,bhck->bhqk", q, k) / math.sqrt(q.shape[2])
     y = torch.einsum("bhqk,bhck->bhcq", logits.softmax(dim=-1), v)
     return y.reshape(b, c3 // 3, h, w)
@@ -89,7 +89,7 @@ def test_sdpa_attention_matches_explicit_softmax() -> None:
     torch.testing.assert_close(cosine_attention(qkv, num_heads=2), expected, atol=1e-4, rtol=1e-4)
     scaled = qkv.clone()
     scaled[:, :128] *= 7.0  # cosine attention: the magnitude of q does not matter
-    torch.testing.assert_close(cosine_attention(scaled, num_heads=2), expected, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(cosine_attention(scaled, num_heads=2), expected, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])

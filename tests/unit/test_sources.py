@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import pickle
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from pipeline import store
 from pipeline.config import EncodeConfig
 from pipeline.data.preprocess import CorruptImage, center_crop_adm, decode_image, to_rgb
 from pipeline.data.sources import ImageFolderSource, ImageNetSource, SyntheticSource, make_source
-from tests.helpers import image_bytes, make_image_folder, make_imagenet
+from helpers import image_bytes, make_image_folder, make_imagenet
 
 SYNSETS = ["n01440764", "n01443537", "n02085620"]
 
