@@ -67,6 +67,63 @@ class EncodeConfig:
 
 
 @dataclass(frozen=True)
+class TeacherConfig:
+    """EDM2 training (papers.md: EDM2 "Loss and optimisation", "Power-function EMA")."""
+
+    preset: str = "demo"  # network: XS, S, M, L, XL, XXL, or the small ci / demo
+    channels: int | None = None  # architecture overrides of the preset
+    channel_mult: tuple[int, ...] | None = None
+    num_blocks: int | None = None
+    attn_resolutions: tuple[int, ...] | None = None
+    dropout: float | None = None
+    conditional: bool = True  # class-conditional on the dataset's labels
+    P_mean: float = -0.8  # log-normal sigma of the training noise
+    P_std: float = 1.6
+    weighting: str = "edm2"  # edm2 | min_snr (Min-SNR-gamma with SNR = 1/sigma^2)
+    min_snr_gamma: float = 5.0
+    use_uncertainty: bool = True  # EDM2's learned loss weighting u(sigma)
+    lr: float = 0.012  # reference learning rate
+    lr_decay_batches: int = 70000  # t_ref: lr = lr / sqrt(max(t / t_ref, 1)), t in batches
+    lr_rampup_nimg: int = 10_000_000  # linear warm-up length in images
+    batch: int = 2048  # global batch in images
+    duration_nimg: int = 2048 << 20
+    ema_sigma_rels: tuple[float, ...] = (0.05, 0.10)
+    snapshot_nimg: int = 8 << 20  # EMA snapshots for post-hoc EMA, every this many images
+    checkpoint_nimg: int = 32 << 20  # resumable training state, every this many images
+    shuffle_buffer: int = 1000  # samples
+    batch_gpu: int = throughput(0)  # per worker and pass; 0 = batch / num_workers (no accumulation)
+    num_workers: int = throughput(1)  # DDP workers (one GPU each with use_gpu)
+    use_gpu: bool = throughput(False)
+    compile: bool = throughput(False)  # torch.compile the network
+    max_failures: int = throughput(2)  # worker losses survived by resuming from the last checkpoint
+    log_nimg: int = throughput(1 << 20)  # a metrics row every this many images
+
+    def __post_init__(self) -> None:
+        _check_choice("teacher", "weighting", self.weighting, ("edm2", "min_snr"))
+        _check_positive("teacher", batch=self.batch, duration_nimg=self.duration_nimg, lr=self.lr,
+                        P_std=self.P_std, snapshot_nimg=self.snapshot_nimg, log_nimg=self.log_nimg,
+                        checkpoint_nimg=self.checkpoint_nimg, num_workers=self.num_workers)
+        for name in ("duration_nimg", "snapshot_nimg", "checkpoint_nimg"):
+            if getattr(self, name) % self.batch:
+                raise ValueError(f"teacher.{name} = {getattr(self, name)} must be a multiple of teacher.batch = {self.batch}")
+        per_pass = self.num_workers * self.batch_per_worker
+        if self.batch % per_pass:
+            raise ValueError(f"teacher.batch = {self.batch} is not divisible by num_workers x batch_gpu = "
+                             f"{self.num_workers} x {self.batch_per_worker}: change teacher.batch_gpu")
+        for s in self.ema_sigma_rels:
+            if not 0 < s < 0.2887:
+                raise ValueError(f"teacher.ema_sigma_rels: {s} is outside (0, 0.2887)")
+
+    @property
+    def batch_per_worker(self) -> int:
+        return self.batch_gpu or self.batch // self.num_workers
+
+    def network_overrides(self) -> dict[str, Any]:
+        names = ("channels", "channel_mult", "num_blocks", "attn_resolutions", "dropout")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run: where artifacts live, how work is executed, and every stage's config."""
 
@@ -76,6 +133,7 @@ class Config:
     seed: int = 0
     max_in_flight: int = throughput(64)  # Ray tasks submitted at once per map
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
 
     def __post_init__(self) -> None:
         _check_choice("config", "executor", self.executor, ("ray", "inline"))

@@ -14,18 +14,20 @@ import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
 from pipeline import config as C
 from pipeline import store
-from pipeline.executor import Executor, Resources, make_executor
+from pipeline.executor import DDPJob, Executor, Resources, TrainSession, make_executor
 
 log = logging.getLogger("onestep")
 
 # Stage name -> module, in a topological order (each stage after its upstream stages).
 STAGE_MODULES: dict[str, str] = {
     "encode": "stages.encode",
+    "teacher": "stages.teacher",
 }
 
 
@@ -128,6 +130,9 @@ class StageContext:
 
     def map(self, fn: Any, items: list[Any], resources: Resources = Resources(), desc: str = "") -> list[Any]:
         return self.executor.map(fn, items, resources, desc)
+
+    def ddp(self, train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]:
+        return self.executor.ddp(train_fn, args, job)
 
 
 def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor) -> dict[str, Any]:

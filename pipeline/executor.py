@@ -1,20 +1,31 @@
-"""Executors: how a stage's map-style work runs. The only library module that imports ray.
+"""Executors: how a stage's work runs. The only library module that imports ray.
 
-`RayExecutor` runs each call as a Ray task (per-task CPUs/GPUs, bounded in flight, retried
-when a worker dies) on the cluster named by RAY_ADDRESS (as under `ray job submit`) or on a
-local instance bound to 127.0.0.1. `InlineExecutor` runs the same calls in-process, for
-debugging (`--set executor=inline`) and for `memory://` storage.
+`map(fn, items, resources)`: `RayExecutor` runs each call as a Ray task (per-task CPUs/GPUs,
+bounded in flight, retried when a worker dies) on the cluster named by RAY_ADDRESS (as under
+`ray job submit`) or on a local instance bound to 127.0.0.1. `InlineExecutor` runs the same
+calls in-process, for debugging (`--set executor=inline`) and for `memory://` storage.
+
+`ddp(train_fn, args, job)`: runs `train_fn(session, args)` on every training worker. Under
+Ray it is a Ray Train `TorchTrainer` (gloo on CPUs, NCCL on GPUs) whose checkpoints live in
+the artifact, with `FailureConfig` so a lost worker resumes from the last checkpoint; inline
+it is one worker in this process. The `TrainSession` is all a training loop sees of either.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
+import torch
 from tqdm.auto import tqdm
+
+from pipeline import store
+
+T = TypeVar("T")
 
 log = logging.getLogger("onestep")
 
@@ -27,16 +38,55 @@ class Resources:
     num_gpus: float = 0.0
 
 
+@dataclass(frozen=True)
+class DDPJob:
+    """A distributed training run: where its checkpoints live and what it asks of the cluster."""
+
+    name: str  # the stage, e.g. "teacher"
+    checkpoint_url: str  # a folder inside the stage's artifact
+    num_workers: int = 1
+    use_gpu: bool = False
+    max_failures: int = 2
+
+
+class TrainSession(Protocol):
+    """What a training loop sees of the executor that runs it."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+
+    def wrap(self, net: torch.nn.Module) -> torch.nn.Module: ...  # DDP when distributed
+
+    def restore(self, load: Callable[[str], T]) -> T | None: ...  # load(dir) of the latest checkpoint
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None: ...  # every rank
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor: ...  # sum over ranks, in place
+
+
 class Executor(Protocol):
     def check(self, resources: Resources, what: str) -> None: ...
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any],
             resources: Resources = Resources(), desc: str = "") -> list[Any]: ...
 
+    def ddp(self, train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]: ...
+
 
 def _gpu_error(what: str, wanted: float, have: float) -> ValueError:
     return ValueError(f"{what} asks for {wanted:g} GPU(s) per task but only {have:g} are available: "
                       f"set {what}.num_gpus=0 to run on CPUs, or run on a cluster with GPUs")
+
+
+def _check_ddp(job: DDPJob, cpus: float, gpus: float) -> None:
+    if job.use_gpu and gpus < job.num_workers:
+        raise ValueError(f"{job.name}.use_gpu with {job.num_workers} worker(s) needs {job.num_workers} GPU(s), "
+                         f"the cluster has {gpus:g}: set {job.name}.use_gpu=false, lower "
+                         f"{job.name}.num_workers, or run on a cluster with GPUs")
+    if cpus < job.num_workers:
+        raise ValueError(f"{job.name}.num_workers={job.num_workers} needs {job.num_workers} CPUs, the "
+                         f"cluster has {cpus:g}: lower {job.name}.num_workers")
 
 
 class InlineExecutor:
@@ -52,6 +102,56 @@ class InlineExecutor:
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any],
             resources: Resources = Resources(), desc: str = "") -> list[Any]:
         return [fn(item) for item in tqdm(items, desc=desc, disable=not items)]
+
+    def ddp(self, train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]:
+        if job.num_workers != 1:
+            raise ValueError(f"executor=inline runs one training worker: set {job.name}.num_workers=1, "
+                             "or use the ray executor")
+        _check_ddp(job, float(os.cpu_count() or 1), float(torch.cuda.device_count()))
+        session = InlineSession(job)
+        train_fn(session, args)
+        return session.last_metrics
+
+
+class InlineSession:
+    """One training worker in this process; checkpoints are folders `ckpt-NNNNNN` in the artifact,
+    each complete once its `_done` marker (written last) exists."""
+
+    rank, world_size = 0, 1
+
+    def __init__(self, job: DDPJob) -> None:
+        self.url = job.checkpoint_url
+        self.device = torch.device("cuda" if job.use_gpu else "cpu")
+        self.last_metrics: dict[str, Any] = {}
+
+    def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        return net
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def _checkpoints(self) -> list[str]:
+        if not store.exists(self.url):
+            return []
+        dirs, _ = store.list_dir(self.url)
+        return [d for d in dirs if store.exists(store.join(d, "_done"))]
+
+    def restore(self, load: Callable[[str], T]) -> T | None:
+        done = self._checkpoints()
+        if not done:
+            return None
+        with tempfile.TemporaryDirectory() as tmp:
+            return load(store.copy_to_local(done[-1], tmp))
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        self.last_metrics = metrics
+        if checkpoint_dir is None:
+            return
+        target = store.join(self.url, f"ckpt-{len(self._checkpoints()):06d}")
+        for name in sorted(os.listdir(checkpoint_dir)):
+            with open(os.path.join(checkpoint_dir, name), "rb") as f:
+                store.write_bytes(store.join(target, name), f.read())
+        store.write_bytes(store.join(target, "_done"), b"")
 
 
 def init_ray() -> None:
@@ -121,6 +221,74 @@ class RayExecutor:
                 for ref in pending:
                     ray.cancel(ref)
                 raise
+
+    def ddp(self, train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]:
+        import ray
+
+        total = ray.cluster_resources()
+        _check_ddp(job, total.get("CPU", 0.0), total.get("GPU", 0.0))
+        return _ray_ddp(train_fn, args, job)
+
+
+class RaySession:
+    """A Ray Train worker: rank and device from Ray Train, checkpoints through `ray.train.report`."""
+
+    def __init__(self) -> None:
+        import ray.train
+        import ray.train.torch
+
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        if self.device.type == "cuda":
+            return torch.nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index])
+        return torch.nn.parallel.DistributedDataParallel(net)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        torch.distributed.all_reduce(tensor)
+        return tensor
+
+    def restore(self, load: Callable[[str], T]) -> T | None:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as path:
+            return load(path)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        import ray.train
+
+        checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def _ray_train_worker(config: dict[str, Any]) -> None:
+    config["train_fn"](RaySession(), config["args"])
+
+
+def _ray_ddp(train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    filesystem, path = store.pyarrow_filesystem(job.checkpoint_url)
+    trainer = TorchTrainer(
+        _ray_train_worker,
+        train_loop_config={"train_fn": train_fn, "args": args},
+        torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu),
+        run_config=RunConfig(
+            name=job.name,
+            storage_path=path,
+            storage_filesystem=filesystem,
+            failure_config=FailureConfig(max_failures=job.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+        ),
+    )
+    return dict(trainer.fit().metrics or {})
 
 
 def make_executor(name: str, max_in_flight: int = 64) -> Executor:

@@ -153,6 +153,16 @@ def check_writable(url: str) -> None:
         ) from e
 
 
+def pyarrow_filesystem(url: str) -> tuple[Any, str]:
+    """(pyarrow filesystem, path) for Ray Train's storage: native for local paths, fsspec otherwise."""
+    import pyarrow.fs as pafs
+
+    if protocol(url) == "file":
+        return pafs.LocalFileSystem(), _fs(url)[1]
+    fs, path = _fs(url)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
 def register_webdataset_schemes() -> None:
     """Let WebDataset (which does not use fsspec) read and write every fsspec URL.
 

@@ -19,7 +19,9 @@ SIGMA_DATA = 0.5
 # --- Magnitude-preserving primitives (papers.md, "Magnitude-preserving (MP) primitives") ---
 
 
-def normalize(x: torch.Tensor, dim: int | tuple[int, ...] | None = None, eps: float = 1e-4) -> torch.Tensor:
+def normalize(
+    x: torch.Tensor, dim: int | tuple[int, ...] | None = None, eps: float = 1e-4
+) -> torch.Tensor:
     """x / (eps + rms(x over dim)); dim defaults to all but the first axis."""
     if dim is None:
         dim = tuple(range(1, x.ndim))
@@ -124,12 +126,14 @@ class Block(nn.Module):
         self.res_balance, self.attn_balance, self.clip_act = res_balance, attn_balance, clip_act
         self.num_heads = max(out_channels // channels_per_head, 1) if attention else 0
         if self.num_heads and out_channels % self.num_heads:
-            raise ValueError(f"attention with {out_channels} channels: use a multiple of {channels_per_head}")
+            raise ValueError(f"attention needs channels divisible by the heads, got {out_channels}")
         self.emb_gain = nn.Parameter(torch.zeros([]))
-        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, (3, 3))
+        res0_in = out_channels if flavor == "enc" else in_channels  # enc: skip conv comes first
+        self.conv_res0 = MPConv(res0_in, out_channels, (3, 3))
         self.emb_linear = MPConv(emb_channels, out_channels, ())
         self.conv_res1 = MPConv(out_channels, out_channels, (3, 3))
-        self.conv_skip = MPConv(in_channels, out_channels, (1, 1)) if in_channels != out_channels else None
+        skip = in_channels != out_channels
+        self.conv_skip = MPConv(in_channels, out_channels, (1, 1)) if skip else None
         self.attn_qkv = MPConv(out_channels, out_channels * 3, (1, 1)) if self.num_heads else None
         self.attn_proj = MPConv(out_channels, out_channels, (1, 1)) if self.num_heads else None
 
@@ -152,6 +156,46 @@ class Block(nn.Module):
         return x.clip(-self.clip_act, self.clip_act)
 
 
+Levels = list[tuple[int, int]]  # (resolution, width) per UNet level, highest resolution first
+
+
+def _encoder(
+    cin: int, levels: Levels, num_blocks: int, attn: list[int], **kw: Any
+) -> nn.ModuleDict:
+    """Per level: a 3x3 conv (first level) or a `down` block, then num_blocks blocks."""
+    enc = nn.ModuleDict()
+    for level, (res, width) in enumerate(levels):
+        at = f"{res}x{res}"
+        if level == 0:
+            enc[f"{at}_conv"] = MPConv(cin, width, (3, 3))
+            cin = width
+        else:
+            enc[f"{at}_down"] = Block(cin, cin, flavor="enc", resample_mode="down", **kw)
+        for i in range(num_blocks):
+            enc[f"{at}_block{i}"] = Block(cin, width, flavor="enc", attention=res in attn, **kw)
+            cin = width
+    return enc
+
+
+def _decoder(
+    skips: list[int], levels: Levels, num_blocks: int, attn: list[int], **kw: Any
+) -> nn.ModuleDict:
+    """Lowest level: in0 (attention) and in1, other levels an `up` block; then num_blocks + 1."""
+    dec, cin = nn.ModuleDict(), levels[-1][1]
+    for level, (res, width) in reversed(list(enumerate(levels))):
+        at = f"{res}x{res}"
+        if level == len(levels) - 1:
+            dec[f"{at}_in0"] = Block(cin, cin, flavor="dec", attention=True, **kw)
+            dec[f"{at}_in1"] = Block(cin, cin, flavor="dec", **kw)
+        else:
+            dec[f"{at}_up"] = Block(cin, cin, flavor="dec", resample_mode="up", **kw)
+        for i in range(num_blocks + 1):  # input: mp_cat(x, skip)
+            cin += skips.pop()
+            dec[f"{at}_block{i}"] = Block(cin, width, flavor="dec", attention=res in attn, **kw)
+            cin = width
+    return dec
+
+
 class UNet(nn.Module):
     """EDM2 UNet F(x, c_noise, labels); labels are class indices [B] or None."""
 
@@ -171,38 +215,19 @@ class UNet(nn.Module):
         super().__init__()
         widths = [channels * m for m in channel_mult]
         emb_channels = channels * max(channel_mult)
-        self.num_classes, self.label_balance, self.concat_balance = num_classes, label_balance, concat_balance
+        self.num_classes = num_classes
+        self.label_balance, self.concat_balance = label_balance, concat_balance
         self.emb_fourier = MPFourier(channels)
         self.emb_noise = MPConv(channels, emb_channels, ())
         self.emb_label = MPConv(num_classes, emb_channels, ()) if num_classes else None
-        block = dict(emb_channels=emb_channels, dropout=dropout)
-        self.enc = nn.ModuleDict()
-        cout = img_channels + 1  # one constant channel of ones
-        for level, width in enumerate(widths):
-            res, attn = img_resolution >> level, (img_resolution >> level) in attn_resolutions
-            if level == 0:
-                self.enc[f"{res}x{res}_conv"] = MPConv(cout, width, (3, 3))
-                cout = width
-            else:
-                self.enc[f"{res}x{res}_down"] = Block(cout, cout, flavor="enc", resample_mode="down", **block)
-            for i in range(num_blocks):
-                self.enc[f"{res}x{res}_block{i}"] = Block(cout, width, flavor="enc", attention=attn, **block)
-                cout = width
+        kw = dict(emb_channels=emb_channels, dropout=dropout)
+        levels = [(img_resolution >> level, width) for level, width in enumerate(widths)]
+        cin = img_channels + 1  # one constant channel of ones
+        self.enc = _encoder(cin, levels, num_blocks, attn_resolutions, **kw)
         skips = [m.out_channels for m in self.enc.values()]
-        self.dec = nn.ModuleDict()
-        for level, width in reversed(list(enumerate(widths))):
-            res, attn = img_resolution >> level, (img_resolution >> level) in attn_resolutions
-            if level == len(widths) - 1:  # lowest level: two blocks, the first with attention
-                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, flavor="dec", attention=True, **block)
-                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, flavor="dec", **block)
-            else:
-                self.dec[f"{res}x{res}_up"] = Block(cout, cout, flavor="dec", resample_mode="up", **block)
-            for i in range(num_blocks + 1):  # each preceded by mp_cat with a skip
-                cin = cout + skips.pop()
-                self.dec[f"{res}x{res}_block{i}"] = Block(cin, width, flavor="dec", attention=attn, **block)
-                cout = width
+        self.dec = _decoder(skips, levels, num_blocks, attn_resolutions, **kw)
         self.out_gain = nn.Parameter(torch.zeros([]))
-        self.out_conv = MPConv(cout, img_channels, (3, 3))
+        self.out_conv = MPConv(widths[0], img_channels, (3, 3))
 
     def embedding(self, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """Noise (and class) embedding [B, emb_channels]; missing labels = zero label vector."""
@@ -211,10 +236,13 @@ class UNet(nn.Module):
             onehot = torch.zeros_like(emb[:, :1]).expand(-1, self.num_classes)
             if labels is not None:
                 onehot = F.one_hot(labels, self.num_classes).to(emb.dtype)
-            emb = mp_sum(emb, self.emb_label(onehot * math.sqrt(self.num_classes)), self.label_balance)
+            emb_label = self.emb_label(onehot * math.sqrt(self.num_classes))
+            emb = mp_sum(emb, emb_label, self.label_balance)
         return mp_silu(emb)
 
-    def forward(self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
         emb = self.embedding(c_noise, labels)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
@@ -232,14 +260,20 @@ class UNet(nn.Module):
 
 
 class Denoiser(nn.Module):
-    """D(x, sigma, labels) = c_skip x + c_out F(c_in x, c_noise, labels), plus uncertainty u(sigma).
+    """D(x, sigma, labels) = c_skip x + c_out F(c_in x, c_noise, labels); uncertainty u(sigma).
 
     `config` holds the keyword arguments of `build_denoiser` that rebuild this architecture.
     A model with num_classes = 0 is unconditional and ignores `labels`, so it can be called
     like a conditional one (e.g. as a guiding network).
     """
 
-    def __init__(self, unet: UNet, config: dict[str, Any], sigma_data: float = SIGMA_DATA, u_channels: int = 128) -> None:
+    def __init__(
+        self,
+        unet: UNet,
+        config: dict[str, Any],
+        sigma_data: float = SIGMA_DATA,
+        u_channels: int = 128,
+    ) -> None:
         super().__init__()
         self.unet, self.config, self.sigma_data = unet, config, sigma_data
         self.img_resolution = config["img_resolution"]
@@ -248,10 +282,12 @@ class Denoiser(nn.Module):
         self.u_fourier = MPFourier(u_channels)
         self.u_linear = MPConv(u_channels, 1, ())
 
-    def forward(self, x: torch.Tensor, sigma: float | torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B, C, H, W], sigma scalar or [B], labels [B] class indices or None -> x0 [B, C, H, W]."""
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1)
-        sigma = sigma.expand(x.shape[0]).reshape(-1, 1, 1, 1) if sigma.numel() == 1 else sigma.reshape(-1, 1, 1, 1)
+    def forward(
+        self, x: torch.Tensor, sigma: float | torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """x [B, C, H, W], sigma scalar or [B], labels [B] class indices or None -> x0."""
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+        sigma = sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
         sd2 = self.sigma_data**2
         c_skip = sd2 / (sigma**2 + sd2)
         c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
@@ -287,12 +323,14 @@ PRESETS: dict[str, Architecture] = {
     "L": Architecture(channels=320, dropout=0.1),
     "XL": Architecture(channels=384, dropout=0.1),
     "XXL": Architecture(channels=448, dropout=0.1),
-    "ci": Architecture(channels=32, dropout=0.0, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)),
-    "demo": Architecture(channels=64, dropout=0.0, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(8,)),
+    "ci": Architecture(32, 0.0, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,)),
+    "demo": Architecture(64, 0.0, channel_mult=(1, 2, 2), num_blocks=2, attn_resolutions=(8,)),
 }
 
 
-def build_denoiser(preset: str, img_resolution: int, img_channels: int, num_classes: int, **overrides: Any) -> Denoiser:
+def build_denoiser(
+    preset: str, img_resolution: int, img_channels: int, num_classes: int, **overrides: Any
+) -> Denoiser:
     """EDM2 denoiser from a preset name (PRESETS) with optional architecture overrides."""
     if preset not in PRESETS:
         raise ValueError(f"unknown EDM2 preset {preset!r}; choose one of {list(PRESETS)}")
@@ -302,7 +340,9 @@ def build_denoiser(preset: str, img_resolution: int, img_channels: int, num_clas
         raise ValueError(f"unknown EDM2 override(s) {unknown}; valid overrides are {fields}")
     arch = dataclasses.replace(PRESETS[preset], **overrides)
     if img_resolution % 2 ** (len(arch.channel_mult) - 1):
-        raise ValueError(f"img_resolution {img_resolution} must be divisible by 2^(len(channel_mult)-1)")
+        raise ValueError(
+            f"img_resolution {img_resolution} must be divisible by 2^(len(channel_mult) - 1)"
+        )
     config = dict(
         preset=preset,
         img_resolution=int(img_resolution),

@@ -1,0 +1,103 @@
+"""Pieces every training loop (teacher, distill) shares: seeding, checkpoints, weights, metrics.
+
+No Ray here: a loop gets a `TrainSession` from the executor; storage goes through `store`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from pipeline import store
+from pipeline.models.edm2 import Denoiser, build_denoiser
+
+STATE_FILE = "state.pt"
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from (seed, rank, images seen, ...): independent streams per tuple."""
+    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def zero_nonfinite_grads_(params: Iterable[torch.nn.Parameter]) -> bool:
+    """Replace NaN/inf gradient entries by 0 in place (EDM2); True when all were finite."""
+    grads = [p.grad for p in params if p.grad is not None]
+    finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+    if not finite:
+        for g in grads:
+            torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
+    return finite
+
+
+def save_state(directory: str, state: dict[str, Any]) -> str:
+    """Training state (tensors, numbers, nested dicts) as one file, loadable with weights_only."""
+    os.makedirs(directory, exist_ok=True)
+    torch.save(state, os.path.join(directory, STATE_FILE))
+    return directory
+
+
+def load_state(directory: str) -> dict[str, Any]:
+    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+
+
+def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    return safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def read_weights(url: str) -> dict[str, torch.Tensor]:
+    return safetensors.torch.load(store.read_bytes(url))
+
+
+def save_network(artifact: store.Artifact, name: str, net: Denoiser, state: dict[str, torch.Tensor] | None = None) -> None:
+    """`{name}.safetensors` (weights) and `{name}.json` (the config that rebuilds the network)."""
+    with artifact.open(f"{name}.safetensors", "wb") as f:
+        f.write(weights_bytes(net.state_dict() if state is None else state))
+    artifact.write_json(f"{name}.json", net.config)
+
+
+def load_network(artifact: store.Artifact, name: str, weights: str | None = None) -> Denoiser:
+    """The network saved by `save_network` (or other weights for the same config), in eval mode."""
+    net = build_denoiser(**artifact.read_json(f"{name}.json"))
+    net.load_state_dict(read_weights(artifact.path(weights or f"{name}.safetensors")))
+    return net.eval().requires_grad_(False)
+
+
+class MetricsLog:
+    """Rows of metrics: printed as a progress line on rank 0, written as JSONL pieces per chunk."""
+
+    def __init__(self, name: str, total_nimg: int, rank: int) -> None:
+        self.name, self.total, self.rank = name, total_nimg, rank
+        self.rows: list[dict[str, Any]] = []
+        self.start = time.perf_counter()
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        if self.rank == 0:
+            shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in row.items() if not isinstance(v, dict))
+            print(f"{self.name} {100 * row['nimg'] / self.total:5.1f}% {shown}", flush=True)
+
+    def flush(self, artifact: store.Artifact, chunk_start: int) -> None:
+        """Rank 0 writes this chunk's rows as `metrics/{chunk_start}.jsonl`."""
+        if self.rank == 0 and self.rows:
+            with artifact.open(f"metrics/{chunk_start:012d}.jsonl", "wb") as f:
+                f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows).encode())
+        self.rows = []
+
+
+def gather_metrics(artifact: store.Artifact) -> list[dict[str, Any]]:
+    """Every metrics row of the run so far, in order, and `metrics.jsonl` written from them."""
+    folder = artifact.path("metrics")
+    files = store.list_dir(folder)[1] if store.exists(folder) else []
+    rows = [json.loads(line) for url in files for line in store.read_bytes(url).decode().splitlines()]
+    with artifact.open("metrics.jsonl", "wb") as f:
+        f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+    return rows
