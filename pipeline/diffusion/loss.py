@@ -18,7 +18,11 @@ class LossOutput(NamedTuple):
 
 
 def sample_sigma(
-    batch: int, P_mean: float, P_std: float, generator: torch.Generator | None, device: torch.device | str
+    batch: int,
+    P_mean: float,
+    P_std: float,
+    generator: torch.Generator | None,
+    device: torch.device | str,
 ) -> torch.Tensor:
     """Log-normal noise levels: ln(sigma) ~ N(P_mean, P_std^2), shape [batch]."""
     z = torch.randn(batch, generator=generator, device=device)
@@ -32,7 +36,7 @@ def edm_lambda(sigma: torch.Tensor | float, sigma_data: float) -> torch.Tensor:
 
 
 def min_snr_weight(sigma: torch.Tensor | float, gamma: float, sigma_data: float) -> torch.Tensor:
-    """Factor w(sigma) = min(1/sigma^2, gamma) / lambda(sigma) turning EDM's loss into Min-SNR-gamma.
+    """w(sigma) = min(1/sigma^2, gamma) / lambda(sigma): turns EDM's loss into Min-SNR-gamma.
 
     Convention: SNR = 1/sigma^2, so lambda(sigma) * w(sigma) = min(SNR, gamma) is Min-SNR's
     x0-prediction weight. With sigma_data = 0.5 the alternative SNR' = sigma_data^2/sigma^2
@@ -51,19 +55,22 @@ def edm2_loss(
     weighting: str = "edm2",
     min_snr_gamma: float = 5.0,
     use_uncertainty: bool = True,
+    sigma_data: float = 0.5,
 ) -> LossOutput:
     """EDM2 loss: per element (lambda / exp(u)) (D(y + sigma eps, sigma) - y)^2 + u.
 
     y, noise (unit-variance eps): [B, C, H, W]; sigma: [B]. With weighting="min_snr" lambda is
-    multiplied by `min_snr_weight`; use_uncertainty=False sets u = 0.
+    multiplied by `min_snr_weight`; use_uncertainty=False sets u = 0. `net` may be wrapped
+    (DDP, torch.compile): it is only called, as net(x, sigma, labels, return_u=True).
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
     s = sigma.reshape(-1, 1, 1, 1)
-    weight = edm_lambda(s, net.sigma_data)
+    weight = edm_lambda(s, sigma_data)
     if weighting == "min_snr":
-        weight = weight * min_snr_weight(s, min_snr_gamma, net.sigma_data)
-    err = weight * (net(y + s * noise, sigma, labels) - y) ** 2  # [B, C, H, W]
-    u = net.u(sigma).reshape(-1, 1, 1, 1) if use_uncertainty else torch.zeros_like(s)
+        weight = weight * min_snr_weight(s, min_snr_gamma, sigma_data)
+    denoised, u = net(y + s * noise, sigma, labels, return_u=True)
+    err = weight * (denoised.float() - y) ** 2  # [B, C, H, W]
+    u = u.float().reshape(-1, 1, 1, 1) if use_uncertainty else torch.zeros_like(s)
     loss = (err / u.exp() + u).sum() / y.shape[0]
     return LossOutput(loss=loss, per_sample=err.detach().mean(dim=(1, 2, 3)))

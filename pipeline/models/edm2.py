@@ -283,9 +283,13 @@ class Denoiser(nn.Module):
         self.u_linear = MPConv(u_channels, 1, ())
 
     def forward(
-        self, x: torch.Tensor, sigma: float | torch.Tensor, labels: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x [B, C, H, W], sigma scalar or [B], labels [B] class indices or None -> x0."""
+        self, x: torch.Tensor, sigma: float | torch.Tensor, labels: torch.Tensor | None = None,
+        return_u: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x [B, C, H, W], sigma scalar or [B], labels [B] class indices or None -> x0.
+
+        With return_u also u(sigma) [B], computed inside forward so that DDP sees its use.
+        """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
         sd2 = self.sigma_data**2
@@ -293,7 +297,8 @@ class Denoiser(nn.Module):
         c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
         c_in = 1 / (sigma**2 + sd2).sqrt()
         c_noise = sigma.log().flatten() / 4
-        return c_skip * x + c_out * self.unet(c_in * x, c_noise, labels)
+        x0 = c_skip * x + c_out * self.unet(c_in * x, c_noise, labels)
+        return (x0, self.u(sigma.flatten())) if return_u else x0
 
     def u(self, sigma: float | torch.Tensor) -> torch.Tensor:
         """Learned uncertainty (log-variance) u(sigma) [B] for sigma [B] (or a scalar -> [1])."""

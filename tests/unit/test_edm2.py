@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,6 +18,15 @@ from pipeline.models.edm2 import (
     mp_sum,
     normalize,
 )
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: a second intra-op thread only adds sync cost (and stalls on a busy core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def rms(x: torch.Tensor) -> float:
@@ -49,7 +59,7 @@ def test_mp_sum_keeps_unit_rms(t: float) -> None:
 def test_mp_cat_keeps_unit_rms_and_balance() -> None:
     a, b, t = torch.randn(64, 24, 8, 8), torch.randn(64, 40, 8, 8), 0.3
     y = mp_cat(a, b, t=t)
-    share_a = y[:, :24].square().sum() / y.square().sum()  # energy share of a: (1-t)^2 / ((1-t)^2 + t^2)
+    share_a = y[:, :24].square().sum() / y.square().sum()  # expected (1-t)^2 / ((1-t)^2 + t^2)
     assert y.shape == (64, 64, 8, 8)
     assert rms(y) == pytest.approx(1.0, abs=0.02)
     assert share_a.item() == pytest.approx((1 - t) ** 2 / ((1 - t) ** 2 + t**2), abs=0.01)
@@ -68,7 +78,8 @@ def test_mp_conv_keeps_unit_rms_and_scales_with_gain() -> None:
     linear, conv = MPConv(256, 64, ()).eval(), MPConv(32, 48, (3, 3)).eval()
     x_lin, x_conv = torch.randn(2048, 256), torch.randn(16, 32, 16, 16)
     assert rms(linear(x_lin)) == pytest.approx(1.0, abs=0.03)
-    assert rms(conv(x_conv)[..., 1:-1, 1:-1]) == pytest.approx(1.0, abs=0.03)  # interior: no padding
+    interior = conv(x_conv)[..., 1:-1, 1:-1]  # away from the zero padding
+    assert rms(interior) == pytest.approx(1.0, abs=0.03)
     torch.testing.assert_close(conv(x_conv, gain=2.5), 2.5 * conv(x_conv))
 
 
@@ -89,7 +100,8 @@ def test_sdpa_attention_matches_explicit_softmax() -> None:
     torch.testing.assert_close(cosine_attention(qkv, num_heads=2), expected, atol=1e-4, rtol=1e-4)
     scaled = qkv.clone()
     scaled[:, :128] *= 7.0  # cosine attention: the magnitude of q does not matter
-    torch.testing.assert_close(cosine_attention(scaled, num_heads=2), expected, atol=1e-3, rtol=1e-3)
+    actual = cosine_attention(scaled, num_heads=2)
+    torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3)
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])
@@ -102,17 +114,19 @@ def test_denoiser_at_init_is_c_skip_x(num_classes: int, sigma: float | str) -> N
     labels = torch.tensor([0, 1, 2]) if num_classes else None
     for call_sigma in (s, s[0]) if sigma != "per-sample" else (s,):
         for call_labels in (labels, None):
-            torch.testing.assert_close(net(x, call_sigma, call_labels), c_skip * x, rtol=1e-6, atol=1e-7)
+            actual = net(x, call_sigma, call_labels)
+            torch.testing.assert_close(actual, c_skip * x, rtol=1e-6, atol=1e-7)
     assert net.sigma_data == 0.5
 
 
 def test_labels_none_is_zero_label_vector_and_unconditional_ignores_labels() -> None:
-    net, x, sigma, labels = tiny(2).eval(), torch.randn(2, 3, 16, 16), torch.tensor([0.3, 3.0]), torch.tensor([0, 1])
+    net, x = tiny(2).eval(), torch.randn(2, 3, 16, 16)
+    sigma, labels, zeros = torch.tensor([0.3, 3.0]), torch.tensor([0, 1]), torch.tensor([0, 0])
     with torch.no_grad():
         for name, p in net.named_parameters():
             if name.endswith("gain"):
                 p.fill_(1.0)
-        y_none, y_0, y_1 = net(x, sigma, None), net(x, sigma, torch.zeros(2, dtype=torch.long)), net(x, sigma, labels)
+        y_none, y_0, y_1 = net(x, sigma, None), net(x, sigma, zeros), net(x, sigma, labels)
         assert not torch.allclose(y_0, y_1) and not torch.allclose(y_none, y_0)
         net.unet.emb_label.weight.zero_()  # every label now embeds to the zero vector
         torch.testing.assert_close(net(x, sigma, labels), y_none)
@@ -144,10 +158,11 @@ def test_forced_weight_normalisation_after_optimizer_step() -> None:
             if name.endswith("gain"):
                 p.fill_(1.0)  # gains start at 0, which would zero every weight gradient
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
-    batch = (torch.randn(4, 3, 16, 16) * 0.5, torch.tensor([0, 1, 0, 1]), torch.tensor([0.1, 0.5, 2.0, 10.0]))
+    y, labels = 0.5 * torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 0, 1])
+    batch = (y, labels, torch.tensor([0.1, 0.5, 2.0, 10.0]))
     edm2_loss(net, *batch, noise=torch.randn(4, 3, 16, 16)).loss.backward()
     opt.step()
-    assert all(row_rms_error(w) > 1e-3 for w in mp_weights(net))  # the step moved every weight off the sphere
+    assert all(row_rms_error(w) > 1e-3 for w in mp_weights(net))  # the step left the unit sphere
     before = [w.clone() for w in mp_weights(net)]
     with torch.no_grad():
         net.eval()(batch[0], batch[2], batch[1])
@@ -167,20 +182,21 @@ def test_param_counts_match_paper() -> None:
 def test_attention_resolutions_are_absolute() -> None:
     with torch.device("meta"):
         net = build_denoiser("XS", 64, 4, 1000)
-    with_attn = {name.split("_")[0] for name, m in net.named_modules() if getattr(m, "num_heads", 0)}
+    attention = [name for name, m in net.named_modules() if getattr(m, "num_heads", 0)]
+    with_attn = {name.split("_")[0] for name in attention}
     assert with_attn == {"unet.enc.16x16", "unet.enc.8x8", "unet.dec.16x16", "unet.dec.8x8"}
 
 
 def test_config_rebuilds_same_architecture() -> None:
     net = tiny(5, attn_resolutions=[16, 8], dropout=0.1)
     config = json.loads(json.dumps(net.config))
-    assert config["channels"] == 8 and config["attn_resolutions"] == [16, 8] and config["dropout"] == 0.1
+    assert (config["channels"], config["attn_resolutions"], config["dropout"]) == (8, [16, 8], 0.1)
     rebuilt = build_denoiser(**config)
     shapes = {k: v.shape for k, v in net.state_dict().items()}
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
     rebuilt.load_state_dict(net.state_dict())
-    x, sigma = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0])
-    torch.testing.assert_close(rebuilt.eval()(x, sigma, torch.tensor([1, 4])), net.eval()(x, sigma, torch.tensor([1, 4])))
+    x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 2.0]), torch.tensor([1, 4])
+    torch.testing.assert_close(rebuilt.eval()(x, sigma, labels), net.eval()(x, sigma, labels))
 
 
 def test_unknown_preset_or_override_is_a_clear_error() -> None:

@@ -11,21 +11,27 @@ from pipeline.diffusion.loss import edm2_loss, edm_lambda, min_snr_weight, sampl
 from pipeline.models.edm2 import build_denoiser
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: a second intra-op thread only adds sync cost (and stalls on a busy core)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class FakeNet(nn.Module):
     """Returns a fixed x0 and a fixed per-sample u; records what it was called with."""
-
-    sigma_data = 0.5
 
     def __init__(self, x0: torch.Tensor, u: torch.Tensor) -> None:
         super().__init__()
         self.x0, self.u_value = x0, nn.Parameter(u.clone())
 
-    def forward(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None, return_u: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         self.seen = (x, sigma, labels)
-        return self.x0
-
-    def u(self, sigma: torch.Tensor) -> torch.Tensor:
-        return self.u_value
+        return (self.x0, self.u_value) if return_u else self.x0
 
 
 def test_sample_sigma_is_log_normal_and_seeded() -> None:
@@ -38,7 +44,8 @@ def test_sample_sigma_is_log_normal_and_seeded() -> None:
 
 def test_edm_lambda_known_values() -> None:
     # (sigma^2 + 0.25) / (0.5 sigma)^2
-    torch.testing.assert_close(edm_lambda(torch.tensor([0.5, 1.0, 0.1]), 0.5), torch.tensor([8.0, 5.0, 104.0]))
+    expected = torch.tensor([8.0, 5.0, 104.0])
+    torch.testing.assert_close(edm_lambda(torch.tensor([0.5, 1.0, 0.1]), 0.5), expected)
 
 
 def test_min_snr_weight_known_values() -> None:
@@ -56,9 +63,10 @@ def test_edm2_loss_matches_hand_computation() -> None:
     out = edm2_loss(net, y, labels, sigma, noise)
     lam = [(0.04 + 0.25) / 0.01, (4.0 + 0.25) / 1.0]
     sq = (x0 - y) ** 2
-    expected = sum((lam[b] * math.exp(-u[b].item()) * sq[b] + u[b].item()).sum() for b in range(2)) / 2
-    torch.testing.assert_close(out.loss, expected)
-    torch.testing.assert_close(out.per_sample, torch.stack([lam[b] * sq[b].mean() for b in range(2)]))
+    per_b = [(lam[b] * math.exp(-u[b].item()) * sq[b] + u[b].item()).sum() for b in range(2)]
+    torch.testing.assert_close(out.loss, (per_b[0] + per_b[1]) / 2)
+    expected_per_sample = torch.stack([lam[b] * sq[b].mean() for b in range(2)])
+    torch.testing.assert_close(out.per_sample, expected_per_sample)
     torch.testing.assert_close(net.seen[0], y + sigma[:, None, None, None] * noise)
     assert net.seen[1] is sigma and net.seen[2] is labels
     assert out.loss.requires_grad and not out.per_sample.requires_grad
@@ -68,20 +76,21 @@ def test_min_snr_without_uncertainty_weights_by_clamped_snr() -> None:
     torch.manual_seed(0)
     y, noise, x0 = torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4), torch.randn(4, 3, 4, 4)
     sigma = torch.tensor([0.1, 0.3, 1.0, 3.0])
-    out = edm2_loss(FakeNet(x0, torch.full([4], 7.0)), y, None, sigma, noise, weighting="min_snr", use_uncertainty=False)
+    net = FakeNet(x0, torch.full([4], 7.0))  # u = 7 must be ignored
+    out = edm2_loss(net, y, None, sigma, noise, weighting="min_snr", use_uncertainty=False)
     weight = torch.tensor([5.0, 5.0, 1.0, 1 / 9]).reshape(-1, 1, 1, 1)  # min(1/sigma^2, 5)
     torch.testing.assert_close(out.loss, (weight * (x0 - y) ** 2).sum() / 4)
     torch.testing.assert_close(out.per_sample, (weight * (x0 - y) ** 2).mean(dim=(1, 2, 3)))
 
 
 def test_unknown_weighting_is_an_error() -> None:
-    net = FakeNet(torch.zeros(1, 1, 2, 2), torch.zeros(1))
+    net, y = FakeNet(torch.zeros(1, 1, 2, 2), torch.zeros(1)), torch.zeros(1, 1, 2, 2)
     with pytest.raises(ValueError, match="edm2.*min_snr"):
-        edm2_loss(net, torch.zeros(1, 1, 2, 2), None, torch.ones(1), torch.zeros(1, 1, 2, 2), weighting="snr")
+        edm2_loss(net, y, None, torch.ones(1), torch.zeros_like(y), weighting="snr")
 
 
 def test_weighted_loss_is_one_at_init_for_data_with_sigma_data_std() -> None:
-    # D = c_skip (y + n) at init, so E[lambda (D - y)^2] = lambda c_out^2 = 1 when std(y) = sigma_data.
+    # D = c_skip (y + n) at init: E[lambda (D - y)^2] = lambda c_out^2 = 1 if std(y) = sigma_data
     torch.manual_seed(0)
     net = build_denoiser("ci", 16, 3, 0, channels=8)
     y, noise = 0.5 * torch.randn(32, 3, 16, 16), torch.randn(32, 3, 16, 16)
@@ -100,24 +109,19 @@ def stripes(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return images[:, None], labels
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threading overhead would dominate
-    yield
-    torch.set_num_threads(threads)
-
-
-def test_adam_on_tiny_unet_reduces_loss(one_thread: None) -> None:
+def test_adam_on_tiny_unet_reduces_loss() -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     net = build_denoiser("ci", 16, 1, 2, channels=8)
     y_eval, labels_eval = stripes(64, gen)
-    sigma_eval, noise_eval = sample_sigma(64, -0.8, 1.6, gen, "cpu"), torch.randn(y_eval.shape, generator=gen)
+    sigma_eval = sample_sigma(64, -0.8, 1.6, gen, "cpu")
+    noise_eval = torch.randn(y_eval.shape, generator=gen)
 
     def eval_error() -> float:
         with torch.no_grad():
-            out = edm2_loss(net.eval(), y_eval, labels_eval, sigma_eval, noise_eval, use_uncertainty=False)
+            out = edm2_loss(
+                net.eval(), y_eval, labels_eval, sigma_eval, noise_eval, use_uncertainty=False
+            )
         return out.per_sample.mean().item()
 
     before = eval_error()
@@ -125,7 +129,8 @@ def test_adam_on_tiny_unet_reduces_loss(one_thread: None) -> None:
     net.train()
     for _ in range(200):
         y, labels = stripes(8, gen)
-        out = edm2_loss(net, y, labels, sample_sigma(8, -0.8, 1.6, gen, "cpu"), torch.randn(y.shape, generator=gen))
+        sigma, noise = sample_sigma(8, -0.8, 1.6, gen, "cpu"), torch.randn(y.shape, generator=gen)
+        out = edm2_loss(net, y, labels, sigma, noise)
         opt.zero_grad()
         out.loss.backward()
         opt.step()
