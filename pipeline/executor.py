@@ -226,8 +226,10 @@ class RayExecutor:
         import ray
 
         total = ray.cluster_resources()
-        _check_ddp(job, total.get("CPU", 0.0), total.get("GPU", 0.0))
-        return _ray_ddp(train_fn, args, job)
+        cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
+        _check_ddp(job, cpus, gpus)
+        # CPU training: the workers share the cluster's cores (Ray sets each one's thread count).
+        return _ray_ddp(train_fn, args, job, 1.0 if job.use_gpu else float(max(1, int(cpus // job.num_workers))))
 
 
 class RaySession:
@@ -270,7 +272,8 @@ def _ray_train_worker(config: dict[str, Any]) -> None:
     config["train_fn"](RaySession(), config["args"])
 
 
-def _ray_ddp(train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]:
+def _ray_ddp(train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob,
+             cpus_per_worker: float) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -279,7 +282,8 @@ def _ray_ddp(train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJo
         _ray_train_worker,
         train_loop_config={"train_fn": train_fn, "args": args},
         torch_config=TorchConfig(backend="nccl" if job.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu),
+        scaling_config=ScalingConfig(num_workers=job.num_workers, use_gpu=job.use_gpu,
+                                     resources_per_worker={"CPU": cpus_per_worker}),
         run_config=RunConfig(
             name=job.name,
             storage_path=path,
