@@ -7,13 +7,16 @@ reruns that stage and everything downstream of it, nothing upstream.
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
+import importlib.util
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -34,16 +37,34 @@ STAGE_MODULES: dict[str, str] = {
 @dataclass(frozen=True)
 class Node:
     name: str
-    module: ModuleType
+    module: str | ModuleType  # a module name is imported only when the stage runs
     upstream: tuple[str, ...]
     version: str
+
+    def run(self, ctx: StageContext, section: Any, inputs: dict[str, store.Artifact]) -> dict[str, Any]:
+        module = importlib.import_module(self.module) if isinstance(self.module, str) else self.module
+        return module.run(ctx, section, inputs) or {}
+
+
+def _constants(module_name: str, names: tuple[str, ...]) -> dict[str, Any]:
+    """Top-level literal constants of a module, read from its source without importing it
+    (stage modules import torch; `onestep status` should not have to)."""
+    tree = ast.parse(Path(importlib.util.find_spec(module_name).origin).read_text())
+    found = {}
+    for stmt in tree.body:
+        target = stmt.target if isinstance(stmt, ast.AnnAssign) else (stmt.targets[0] if isinstance(stmt, ast.Assign) else None)
+        if isinstance(target, ast.Name) and target.id in names:
+            found[target.id] = ast.literal_eval(stmt.value)
+    missing = set(names) - set(found)
+    assert not missing, f"stage module {module_name} lacks {missing}"
+    return found
 
 
 def graph() -> dict[str, Node]:
     nodes = {}
     for name, module_name in STAGE_MODULES.items():
-        module = importlib.import_module(module_name)
-        nodes[name] = Node(name, module, tuple(module.UPSTREAM), str(module.VERSION))
+        consts = _constants(module_name, ("VERSION", "UPSTREAM"))
+        nodes[name] = Node(name, module_name, tuple(consts["UPSTREAM"]), str(consts["VERSION"]))
     return nodes
 
 
@@ -142,7 +163,7 @@ def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], 
     ctx = StageContext(artifact, executor, cfg.seed)
     log.info("%s: running (key %s) -> %s", node.name, keys[node.name], store.redact(artifact.url))
     start = time.time()
-    outputs = node.module.run(ctx, section, inputs) or {}
+    outputs = node.run(ctx, section, inputs)
     manifest = {
         "stage": node.name,
         "key": keys[node.name],

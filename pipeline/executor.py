@@ -18,12 +18,14 @@ import os
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import torch
 from tqdm.auto import tqdm
 
 from pipeline import store
+
+if TYPE_CHECKING:  # torch loads only where training runs: `onestep status` stays fast
+    import torch
 
 T = TypeVar("T")
 
@@ -107,6 +109,8 @@ class InlineExecutor:
         if job.num_workers != 1:
             raise ValueError(f"executor=inline runs one training worker: set {job.name}.num_workers=1, "
                              "or use the ray executor")
+        import torch
+
         _check_ddp(job, float(os.cpu_count() or 1), float(torch.cuda.device_count()))
         session = InlineSession(job)
         train_fn(session, args)
@@ -120,6 +124,8 @@ class InlineSession:
     rank, world_size = 0, 1
 
     def __init__(self, job: DDPJob) -> None:
+        import torch
+
         self.url = job.checkpoint_url
         self.device = torch.device("cuda" if job.use_gpu else "cpu")
         self.last_metrics: dict[str, Any] = {}
@@ -244,11 +250,15 @@ class RaySession:
         self.device = ray.train.torch.get_device()
 
     def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
+        import torch
+
         if self.device.type == "cuda":
             return torch.nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index])
         return torch.nn.parallel.DistributedDataParallel(net)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        import torch.distributed
+
         torch.distributed.all_reduce(tensor)
         return tensor
 

@@ -6,6 +6,7 @@ and `src` (source id). Shards are named `{prefix}-{shard:06d}.tar`.
 
 from __future__ import annotations
 
+import functools
 import io
 import random
 from collections.abc import Iterable, Iterator
@@ -37,7 +38,7 @@ def write_shard(url: str, samples: Iterable[dict[str, Any]]) -> int:
     """
     count = 0
     with store.open_url(url, "wb") as f:
-        writer = wds.TarWriter(f, encoder=False, mtime=0.0)
+        writer = wds.TarWriter(f, encoder=False, mtime=0)  # an int: a float mtime adds a pax header
         for sample in samples:
             writer.write(_encode_sample(sample))
             count += 1
@@ -57,9 +58,26 @@ def _encode_sample(sample: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...], int]:
+    """(dtype, shape, data offset) of an .npy file from its first bytes (shards repeat a header)."""
+    buf = io.BytesIO(header)
+    if np.lib.format.read_magic(buf) != (1, 0):
+        raise ValueError("unsupported .npy version in shard (expected 1.0, as np.save writes)")
+    shape, fortran, dtype = np.lib.format.read_array_header_1_0(buf)
+    assert not fortran and not dtype.hasobject, "shards hold C-ordered plain arrays"
+    return dtype, shape, buf.tell()
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    """np.load for our shards' arrays without re-parsing the same header for every sample."""
+    header_len = int.from_bytes(data[8:10], "little") + 10  # .npy format version 1.0
+    dtype, shape, offset = _npy_header(bytes(data[:header_len]))
+    return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
+
+
 def decode_sample(sample: dict[str, Any], field: str = "npy") -> tuple[np.ndarray, int]:
-    array = np.load(io.BytesIO(sample[field]), allow_pickle=False)
-    return array, int(sample["cls"])
+    return load_npy(sample[field]), int(sample["cls"])
 
 
 def _collate(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
