@@ -124,6 +124,61 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
+class RefstatsConfig:
+    """Reference statistics for FID: Inception features of the dataset (or a published npz)."""
+
+    stats: str = ""  # URL of a reference npz (mu, sigma) to use instead of computing them
+    # Inception for refstats AND evaluate: "clean-fid" (downloaded by clean-fid on first use),
+    # a path/URL of the TorchScript weights file (offline clusters), or "random" (fixed random
+    # weights: the number is then "FD (random-weight Inception)", never FID; demo/ci only).
+    inception_weights: str = "clean-fid"
+    num_images: int = 0  # 0: every sample of the dataset
+    batch: int = throughput(64)
+    num_cpus: float = throughput(1.0)
+    num_gpus: float = throughput(0.0)
+
+    def __post_init__(self) -> None:
+        _check_positive("refstats", batch=self.batch)
+        if self.num_images < 0:
+            raise ValueError("refstats.num_images must be >= 0 (0 = the whole dataset)")
+
+
+@dataclass(frozen=True)
+class PhemaConfig:
+    """Post-hoc EMA: reconstruct EMA profiles of any length from the teacher's snapshots."""
+
+    sigma_rels: tuple[float, ...] = (0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25)
+    nimg: int = 0  # reconstruction time in images; 0 = the last snapshot
+    targets_per_task: int = throughput(2)  # Ray tasks each stream the snapshots for this many targets
+    num_cpus: float = throughput(1.0)
+
+    def __post_init__(self) -> None:
+        _check_positive("phema", targets_per_task=self.targets_per_task)
+        for s in self.sigma_rels:
+            if not 0 < s < 0.2887:
+                raise ValueError(f"phema.sigma_rels: {s} is outside (0, 0.2887), the range of power-function EMAs")
+        if not self.sigma_rels:
+            raise ValueError("phema.sigma_rels is empty: name at least one EMA length")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """FID of every phema variant (multi-step sampler) and, later, the one-step student."""
+
+    num_images: int = 50000  # generated images per model
+    num_steps: int = 32  # Heun steps for the teacher variants (2N-1 evaluations)
+    grid_images: int = 64  # sample grid per model (fixed seeds, the same for every model)
+    images_per_task: int = throughput(1000)
+    batch: int = throughput(64)
+    num_cpus: float = throughput(1.0)
+    num_gpus: float = throughput(0.0)
+
+    def __post_init__(self) -> None:
+        _check_positive("eval", num_images=self.num_images, num_steps=self.num_steps,
+                        images_per_task=self.images_per_task, batch=self.batch)
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run: where artifacts live, how work is executed, and every stage's config."""
 
@@ -134,6 +189,9 @@ class Config:
     max_in_flight: int = throughput(64)  # Ray tasks submitted at once per map
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    refstats: RefstatsConfig = field(default_factory=RefstatsConfig)
+    phema: PhemaConfig = field(default_factory=PhemaConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
         _check_choice("config", "executor", self.executor, ("ray", "inline"))

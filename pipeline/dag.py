@@ -27,10 +27,10 @@ from pipeline.executor import DDPJob, Executor, Resources, TrainSession, make_ex
 
 log = logging.getLogger("onestep")
 
-# Stage name -> module, in a topological order (each stage after its upstream stages).
-STAGE_MODULES: dict[str, str] = {
-    "encode": "stages.encode",
-    "teacher": "stages.teacher",
+# Stage name -> (module, config section), in a topological order (each after its upstream).
+STAGE_MODULES: dict[str, tuple[str, str]] = {
+    "encode": ("stages.encode", "encode"),
+    "teacher": ("stages.teacher", "teacher"),
 }
 
 
@@ -40,6 +40,10 @@ class Node:
     module: str | ModuleType  # a module name is imported only when the stage runs
     upstream: tuple[str, ...]
     version: str
+    section: str = ""  # its config section, if not named like the stage
+
+    def config(self, cfg: C.Config) -> Any:
+        return getattr(cfg, self.section or self.name)
 
     def run(self, ctx: StageContext, section: Any, inputs: dict[str, store.Artifact]) -> dict[str, Any]:
         module = importlib.import_module(self.module) if isinstance(self.module, str) else self.module
@@ -62,9 +66,9 @@ def _constants(module_name: str, names: tuple[str, ...]) -> dict[str, Any]:
 
 def graph() -> dict[str, Node]:
     nodes = {}
-    for name, module_name in STAGE_MODULES.items():
+    for name, (module_name, section) in STAGE_MODULES.items():
         consts = _constants(module_name, ("VERSION", "UPSTREAM"))
-        nodes[name] = Node(name, module_name, tuple(consts["UPSTREAM"]), str(consts["VERSION"]))
+        nodes[name] = Node(name, module_name, tuple(consts["UPSTREAM"]), str(consts["VERSION"]), section)
     return nodes
 
 
@@ -72,7 +76,7 @@ def stage_key(node: Node, cfg: C.Config, upstream_keys: dict[str, str]) -> str:
     payload = {
         "stage": node.name,
         "version": node.version,
-        "config": C.result_fields(getattr(cfg, node.name)),
+        "config": C.result_fields(node.config(cfg)),
         "seed": cfg.seed,
         "upstream": upstream_keys,
     }
@@ -158,7 +162,7 @@ class StageContext:
 
 def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor) -> dict[str, Any]:
     artifact = st.artifact(node.name, keys[node.name])
-    section = getattr(cfg, node.name)
+    section = node.config(cfg)
     inputs = {u: st.artifact(u, keys[u]) for u in node.upstream}
     ctx = StageContext(artifact, executor, cfg.seed)
     log.info("%s: running (key %s) -> %s", node.name, keys[node.name], store.redact(artifact.url))
