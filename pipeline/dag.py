@@ -31,6 +31,7 @@ log = logging.getLogger("onestep")
 STAGE_MODULES: dict[str, tuple[str, str]] = {
     "encode": ("stages.encode", "encode"),
     "teacher": ("stages.teacher", "teacher"),
+    "phema": ("stages.phema", "phema"),
 }
 
 

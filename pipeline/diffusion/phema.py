@@ -5,7 +5,6 @@ module's `state_dict()` (parameters and float buffers), so `ema_state(sigma_rel)
 loaded back with `net.load_state_dict(...)` when the module has no other entries.
 """
 
-import itertools
 from collections.abc import Iterable, Sequence
 
 import numpy as np
@@ -114,20 +113,22 @@ def reconstruct(
 ) -> list[dict[str, torch.Tensor]]:
     """Post-hoc EMAs: output j = sum_i coefficients[i, j] * snapshot i, streamed (float32)."""
     n_in, n_out = coefficients.shape
-    snaps = iter(snapshots)
-    first = next(snaps, None)
-    if first is None:
-        raise ValueError("no snapshots to reconstruct from")
-    keys = list(first)
-    outs = [[torch.zeros_like(first[k], dtype=torch.float32) for k in keys] for _ in range(n_out)]
+    keys: list[str] = []
+    outs: list[list[torch.Tensor]] = []
     n_seen = 0
-    for snap in itertools.chain([first], snaps):
+    for snap in snapshots:  # one snapshot alive at a time: memory = model x (n_out + 1)
         if n_seen == n_in:
             raise ValueError(f"more snapshots than the {n_in} rows of coefficients")
+        if not outs:
+            keys = list(snap)
+            outs = [[torch.zeros_like(snap[k], dtype=torch.float32) for k in keys] for _ in range(n_out)]
         src = [snap[k].float() for k in keys]
         for j, out in enumerate(outs):
             torch._foreach_add_(out, src, alpha=float(coefficients[n_seen, j]))
         n_seen += 1
+        del snap, src
+    if n_seen == 0:
+        raise ValueError("no snapshots to reconstruct from")
     if n_seen != n_in:
         raise ValueError(f"got {n_seen} snapshots for {n_in} rows of coefficients")
     return [dict(zip(keys, out)) for out in outs]
