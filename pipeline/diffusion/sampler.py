@@ -25,7 +25,7 @@ def time_steps(
     return torch.cat([t, t.new_zeros(1)])
 
 
-def _guided(denoise: Denoiser, guide: Denoiser | None, guidance: float, dtype: torch.dtype) -> Denoiser:
+def guided(denoise: Denoiser, guide: Denoiser | None, guidance: float, dtype: torch.dtype) -> Denoiser:
     """float64 denoiser D = g + w (D_main - g) (papers.md, guidance); the networks see `dtype`."""
     if guidance != 1 and guide is None:
         raise ValueError(f"guidance={guidance} needs a guide network; pass guide= or use guidance=1")
@@ -54,7 +54,7 @@ def edm_sampler(
     guide: Denoiser | None = None,
 ) -> torch.Tensor:
     """Deterministic 2nd-order Heun from x = noise * sigma_max to sigma = 0; 2N-1 evaluations."""
-    d = _guided(denoise, guide, guidance, noise.dtype)
+    d = guided(denoise, guide, guidance, noise.dtype)
     t = time_steps(num_steps, sigma_min, sigma_max, rho).to(noise.device)
     x = noise.to(torch.float64) * t[0]
     for t_cur, t_next in zip(t[:-1], t[1:]):

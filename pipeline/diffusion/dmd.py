@@ -1,0 +1,163 @@
+"""Distribution Matching Distillation: one-step generator, DM gradient, fake-score and LPIPS losses.
+
+papers.md, "DMD" and "DMD2". Score networks are denoisers `D(x, sigma, labels) -> x0`
+(pipeline.diffusion.sampler's interface); the real score is the frozen teacher, the fake score a
+trainable copy of it fitted to the generator's outputs with the teacher's own loss.
+"""
+
+import copy
+import warnings
+from typing import Any
+
+import lpips
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+from pipeline.diffusion.loss import LossOutput, edm2_loss
+from pipeline.diffusion.sampler import Denoiser, guided, time_steps
+
+SIGMA_MAX = 80.0  # DMD: G(z) = D(sigma_max z, sigma_max) for an EDM teacher
+DM_EPS = 1e-8  # guards the per-sample normaliser of the DM gradient
+LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze": "SqueezeNet1_1_Weights"}
+
+
+class OneStepGenerator(nn.Module):
+    """G(z, labels) = D_G(sigma_max z, sigma_max, labels) (papers.md, DMD "Generator G").
+
+    `net` is a Denoiser, possibly wrapped by DDP; it is only called, so the wrapper sees every
+    use. state_dict keys are the Denoiser's under the prefix "net." (plus "module." under DDP).
+    """
+
+    def __init__(self, net: nn.Module, sigma_max: float = SIGMA_MAX) -> None:
+        super().__init__()
+        self.net, self.sigma_max = net, sigma_max
+
+    @classmethod
+    def from_teacher(cls, teacher: nn.Module, sigma_max: float = SIGMA_MAX) -> "OneStepGenerator":
+        """A generator initialised with a trainable copy of the teacher's weights."""
+        return cls(copy.deepcopy(teacher).requires_grad_(True), sigma_max)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """z [B, C, H, W] unit Gaussian noise, labels [B] class indices or None -> x [B, C, H, W]."""
+        sigma = z.new_full((z.shape[0],), self.sigma_max)
+        return self.net(self.sigma_max * z, sigma, labels)
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The inner Denoiser, unwrapped from DDP, to export in the teacher's format."""
+        if isinstance(self.net, (DistributedDataParallel, DataParallel)):
+            return self.net.module
+        return self.net
+
+
+def karras_sigmas(
+    num_levels: int = 1000, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0
+) -> torch.Tensor:
+    """The Karras rho-schedule table in ASCENDING order: [0] = sigma_min, [-1] = sigma_max; float64."""
+    return time_steps(num_levels, sigma_min, sigma_max, rho)[:-1].flip(0)
+
+
+def sample_dm_sigma(
+    batch: int,
+    generator: torch.Generator | None,
+    device: torch.device | str,
+    min_index: int = 20,
+    max_index: int = 980,
+) -> torch.Tensor:
+    """sigma [batch] float32 = karras_sigmas()[i], i uniform in [min_index, max_index] (DMD)."""
+    table = karras_sigmas()
+    if not 0 <= min_index <= max_index < len(table):
+        raise ValueError(f"need 0 <= min_index <= max_index < {len(table)}, got {min_index}, {max_index}")
+    i = torch.randint(min_index, max_index + 1, (batch,), generator=generator, device=device)
+    return table.to(device=device, dtype=torch.float32)[i]
+
+
+@torch.no_grad()
+def _dm_gradient(
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    real_score: Denoiser,
+    fake_score: Denoiser,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    guidance: float,
+    guide: Denoiser | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad [B, C, H, W] = (mu_fake - mu_real) / mean_{C,H,W}|x - mu_real| and that normaliser [B]."""
+    x = x.detach().float()
+    x_t = x + sigma.reshape(-1, 1, 1, 1) * noise  # [B, C, H, W]
+    mu_real = guided(real_score, guide, guidance, x_t.dtype)(x_t, sigma, labels).float()
+    mu_fake = fake_score(x_t, sigma, labels).float()  # the fake score is never guided
+    normalizer = (x - mu_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=DM_EPS)
+    return (mu_fake - mu_real) / normalizer, normalizer.flatten()
+
+
+def distribution_matching_loss(
+    x: torch.Tensor,
+    labels: torch.Tensor | None,
+    real_score: Denoiser,
+    fake_score: Denoiser,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    guidance: float = 1.0,
+    guide: Denoiser | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DMD loss 0.5 * mse(x, stopgrad(x - grad)) for x = G(z) [B, C, H, W] (papers.md, DMD).
+
+    sigma [B], noise [B, C, H, W] unit Gaussian. The real score is guided as g + w (real - g)
+    when guidance != 1. mse takes the mean over all B*C*H*W elements, so d loss / d x =
+    grad / x.numel(). info: per-sample normaliser [B] and grad norm [B], detached.
+    """
+    grad, normalizer = _dm_gradient(x, labels, real_score, fake_score, sigma, noise, guidance, guide)
+    loss = 0.5 * F.mse_loss(x.float(), x.detach().float() - grad)
+    return loss, {"normalizer": normalizer, "grad_norm": grad.flatten(1).norm(dim=1)}
+
+
+def fake_score_loss(
+    fake_score: nn.Module,
+    x_fake_detached: torch.Tensor,
+    labels: torch.Tensor | None,
+    sigma: torch.Tensor,
+    noise: torch.Tensor,
+    **edm2_kwargs: Any,
+) -> LossOutput:
+    """The teacher's EDM2 loss (edm2_loss, same kwargs) on G's outputs, detached from G (DMD)."""
+    return edm2_loss(fake_score, x_fake_detached.detach(), labels, sigma, noise, **edm2_kwargs)
+
+
+def lpips_regression_loss(
+    lpips_model: nn.Module, generated: torch.Tensor, target: torch.Tensor, size: int = 224
+) -> torch.Tensor:
+    """Mean LPIPS(G(z), y) (DMD regression loss), both bilinearly resized to size x size.
+
+    generated, target: [B, 3, H, W] images in [-1, 1] (latent models: decode first).
+    """
+    def resize(img: torch.Tensor) -> torch.Tensor:
+        return F.interpolate(img.float(), size=(size, size), mode="bilinear", align_corners=False)
+
+    return lpips_model(resize(generated), resize(target)).mean()
+
+
+def load_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> nn.Module:
+    """Frozen LPIPS v0.1 in eval mode; its linear heads ship with the lpips package.
+
+    The ImageNet backbone comes from torchvision's hub cache (downloaded on first use);
+    pretrained_backbone=False builds a random backbone and downloads nothing (tests).
+    """
+    if net not in LPIPS_BACKBONES:
+        raise ValueError(f"unknown LPIPS network {net!r}; choose one of {list(LPIPS_BACKBONES)}")
+    try:
+        with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+    except (OSError, RuntimeError) as err:
+        url = getattr(torchvision.models, LPIPS_BACKBONES[net]).IMAGENET1K_V1.url
+        raise ValueError(
+            f"could not load the ImageNet weights of LPIPS's {net!r} backbone ({err}). Offline: fetch "
+            f"{url} elsewhere and copy it to {torch.hub.get_dir()}/checkpoints/ (the torch hub cache; "
+            "set TORCH_HOME to use another cache directory)"
+        ) from err
+    return model.eval().requires_grad_(False)
