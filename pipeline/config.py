@@ -162,6 +162,30 @@ class PhemaConfig:
 
 
 @dataclass(frozen=True)
+class PairsConfig:
+    """DMD's regression pairs: (noise, teacher output) from the multi-step sampler."""
+
+    sigma_rel: float = 0.1  # the phema variant used as the teacher (one of phema.sigma_rels)
+    num_pairs: int = 25000  # DMD used 25,000 for ImageNet-64
+    num_steps: int = 256  # Heun steps (DMD used 256)
+    guidance: float = 1.0  # w != 1 needs `guide`
+    guide: str = ""  # URL of an artifact folder with network.json + network.safetensors (e.g. an unconditional teacher)
+    seed: int = 0  # pair i uses seed `seed + i`
+    pairs_per_shard: int = 1000
+    batch: int = throughput(64)
+    num_cpus: float = throughput(1.0)
+    num_gpus: float = throughput(0.0)
+    spread: bool = throughput(False)  # spread the tasks over the nodes (Ray SPREAD strategy)
+
+    def __post_init__(self) -> None:
+        _check_positive("pairs", num_pairs=self.num_pairs, num_steps=self.num_steps,
+                        pairs_per_shard=self.pairs_per_shard, batch=self.batch)
+        if self.guidance != 1.0 and not self.guide:
+            raise ValueError(f"pairs.guidance = {self.guidance} needs pairs.guide (a folder with the guiding "
+                             "network's network.json + network.safetensors), or set pairs.guidance=1")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """FID of every phema variant (multi-step sampler) and, later, the one-step student."""
 
@@ -191,6 +215,7 @@ class Config:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     refstats: RefstatsConfig = field(default_factory=RefstatsConfig)
     phema: PhemaConfig = field(default_factory=PhemaConfig)
+    pairs: PairsConfig = field(default_factory=PairsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

@@ -32,6 +32,7 @@ STAGE_MODULES: dict[str, tuple[str, str]] = {
     "encode": ("stages.encode", "encode"),
     "teacher": ("stages.teacher", "teacher"),
     "phema": ("stages.phema", "phema"),
+    "pairs": ("stages.pairs", "pairs"),
 }
 
 

@@ -38,6 +38,7 @@ class Resources:
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    spread: bool = False  # spread tasks over nodes rather than packing them
 
 
 @dataclass(frozen=True)
@@ -206,7 +207,8 @@ class RayExecutor:
         import ray
 
         task = ray.remote(_apply).options(num_cpus=resources.num_cpus, num_gpus=resources.num_gpus,
-                                          max_retries=self.max_retries)
+                                          max_retries=self.max_retries,
+                                          scheduling_strategy="SPREAD" if resources.spread else "DEFAULT")
         fn_ref = ray.put(fn)  # shipped once, however many items
         results: list[Any] = [None] * len(items)
         pending: dict[Any, int] = {}

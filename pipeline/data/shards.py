@@ -76,13 +76,20 @@ def load_npy(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=dtype, offset=offset).reshape(shape)
 
 
-def decode_sample(sample: dict[str, Any], field: str = "npy") -> tuple[np.ndarray, int]:
-    return load_npy(sample[field]), int(sample["cls"])
+def decode_sample(sample: dict[str, Any], fields: tuple[str, ...] = ("npy",)) -> tuple[Any, ...]:
+    """(array of each field..., class index)."""
+    return (*(load_npy(sample[f]) for f in fields), int(sample["cls"]))
 
 
-def _collate(batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    arrays, labels = zip(*batch)
-    return torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64)
+def _collate(batch: list[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
+    *arrays, labels = zip(*batch)
+    return (*(torch.from_numpy(np.stack(a)) for a in arrays), torch.tensor(labels, dtype=torch.int64))
+
+
+def iterate_samples(url: str) -> Iterator[dict[str, Any]]:
+    """The raw samples of one shard, in order: {'__key__', 'npy' | 'noise.npy' ..., 'cls', ...}."""
+    store.register_webdataset_schemes()
+    return iter(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()))
 
 
 def _split_rank(urls: Iterator[Any], rank: int, world_size: int) -> Iterator[Any]:
@@ -104,8 +111,10 @@ def reader(
     shuffle_buffer: int = 0,
     resampled: bool = False,
     num_batches: int | None = None,
+    fields: tuple[str, ...] = ("npy",),
 ) -> wds.DataPipeline:
-    """Batches of (stored array [B, C, H, W] float16, label [B] int64).
+    """Batches of (stored array [B, C, H, W] float16, label [B] int64); with `fields`, one
+    array per field (e.g. ("noise.npy", "target.npy") for regression pairs), then the labels.
 
     Plain mode: rank r reads shards r, r + world_size, ...; loader workers split those; every
     sample once. Resampled mode: every rank draws shards at random forever (seeded by seed and
@@ -124,6 +133,6 @@ def reader(
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer,
                                   rng=random.Random(seed * 7919 + rank)))
-    stages += [wds.map(decode_sample), wds.batched(batch_size, collation_fn=_collate, partial=not resampled)]
+    stages += [wds.map(partial(decode_sample, fields=fields)), wds.batched(batch_size, collation_fn=_collate, partial=not resampled)]
     pipeline = wds.DataPipeline(*stages)
     return pipeline.with_epoch(num_batches) if num_batches is not None else pipeline

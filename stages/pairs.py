@@ -1,0 +1,120 @@
+"""pairs: DMD's regression pairs (noise z, teacher output y) from the multi-step sampler.
+
+    onestep run --config ci --until pairs --storage /tmp/onestep
+
+Pair i uses seed `pairs.seed + i` for its noise and label, so the pairs are the same whatever
+the number of tasks, workers or nodes. Each task makes one shard of `pairs_per_shard` pairs and
+commits it alone (tar, then its marker): a rerun after a crash makes only the missing shards.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from pipeline import store
+from pipeline.config import PairsConfig
+from pipeline.dag import StageContext
+from pipeline.data.shards import iterate_samples, load_npy, shard_name, write_shard
+from pipeline.diffusion.sampler import edm_sampler, seeded_noise
+from pipeline.executor import Resources
+from pipeline.models.edm2 import Denoiser
+from pipeline.store import Artifact
+from pipeline.training import load_network
+
+VERSION = "1"
+UPSTREAM = ("phema",)
+PREFIX = "shards/pairs"
+
+
+@dataclass(frozen=True)
+class PairsJob:
+    artifact: Artifact
+    teacher: Artifact  # the phema artifact
+    weights: str  # the variant's file in it
+    guide: str  # folder URL of the guiding network, or ""
+    cfg: PairsConfig
+    device: str
+
+
+def piece_name(shard: int) -> str:
+    return f"shard-{shard:06d}"
+
+
+def _load(job: PairsJob) -> tuple[Denoiser, Denoiser | None]:
+    net = load_network(job.teacher, "network", job.weights).to(job.device)
+    guide = load_network(Artifact(job.guide), "network").to(job.device) if job.guide else None
+    return net, guide
+
+
+def _pairs(job: PairsJob, net: Denoiser, guide: Denoiser | None, first: int, stop: int) -> Iterator[dict[str, Any]]:
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    for lo in range(first, stop, job.cfg.batch):
+        seeds = list(range(job.cfg.seed + lo, job.cfg.seed + min(lo + job.cfg.batch, stop)))
+        noise, labels = seeded_noise(seeds, shape, net.num_classes, job.device)
+        target = edm_sampler(net, noise, labels, num_steps=job.cfg.num_steps, guidance=job.cfg.guidance, guide=guide)
+        for i, seed in enumerate(seeds):
+            yield {"key": f"{seed - job.cfg.seed:08d}", "noise": noise[i].cpu().numpy(),
+                   "target": target[i].cpu().numpy(), "cls": -1 if labels is None else int(labels[i]), "seed": seed}
+
+
+def make_shard(job: PairsJob, shard: int) -> int:
+    """Sample and commit one shard of pairs (skipped if committed); returns pairs made."""
+    if job.artifact.piece_done(piece_name(shard)):
+        return 0
+    torch.set_grad_enabled(False)
+    net, guide = _load(job)
+    first = shard * job.cfg.pairs_per_shard
+    stop = min(first + job.cfg.pairs_per_shard, job.cfg.num_pairs)
+    count = write_shard(job.artifact.path(shard_name(PREFIX, shard)), _pairs(job, net, guide, first, stop))
+    job.artifact.commit_piece(piece_name(shard), {"count": count, "first": first})
+    return count
+
+
+def _variant(phema: Artifact, sigma_rel: float) -> dict[str, Any]:
+    variants = phema.manifest()["outputs"]["variants"]
+    for v in variants:
+        if math.isclose(v["sigma_rel"], sigma_rel, rel_tol=1e-6):
+            return v
+    raise ValueError(f"pairs.sigma_rel = {sigma_rel} is not among the phema variants "
+                     f"{[v['sigma_rel'] for v in variants]}: add it to phema.sigma_rels or pick one of these")
+
+
+def run(ctx: StageContext, cfg: PairsConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
+    resources = Resources(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, spread=cfg.spread)
+    ctx.executor.check(resources, "pairs")
+    variant = _variant(inputs["phema"], cfg.sigma_rel)
+    guide = store.normalize_url(cfg.guide) if cfg.guide else ""
+    if guide and not store.exists(store.join(guide, "network.json")):
+        raise ValueError(f"pairs.guide = {cfg.guide}: no network.json there (a folder with network.json "
+                         "and network.safetensors, e.g. another teacher artifact)")
+    job = PairsJob(ctx.artifact, inputs["phema"], variant["file"], guide, cfg,
+                   "cuda" if cfg.num_gpus > 0 else "cpu")
+    num_shards = math.ceil(cfg.num_pairs / cfg.pairs_per_shard)
+    todo = [s for s in range(num_shards) if not ctx.artifact.piece_done(piece_name(s))]
+    ctx.log.info("pairs: %d pairs, %d Heun steps, %d shards (%d to make)", cfg.num_pairs, cfg.num_steps,
+                 num_shards, len(todo))
+    made = sum(ctx.map(partial(make_shard, job), todo, resources, desc="pairs"))
+    return {
+        "num_pairs": cfg.num_pairs,
+        "num_shards": num_shards,
+        "shards": [shard_name(PREFIX, s) for s in range(num_shards)],
+        "pairs_made_this_run": made,
+        "teacher": {"sigma_rel": variant["sigma_rel"], "file": variant["file"]},
+        "nfe_per_pair": 2 * cfg.num_steps - 1,
+    }
+
+
+def read_pairs(url: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(noise, target, labels, seeds) of one pairs shard, in order (for tests and inspection)."""
+    samples = list(iterate_samples(url))
+    noise = np.stack([load_npy(s["noise.npy"]) for s in samples])
+    target = np.stack([load_npy(s["target.npy"]) for s in samples])
+    labels = np.array([int(s["cls"]) for s in samples])
+    seeds = np.array([int(s["seed"]) for s in samples])
+    return noise, target, labels, seeds
