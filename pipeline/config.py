@@ -186,6 +186,44 @@ class PairsConfig:
 
 
 @dataclass(frozen=True)
+class DistillConfig:
+    """DMD: a one-step generator from the phema teacher (papers.md, DMD and DMD2)."""
+
+    lr: float = 2e-6  # generator and fake score (AdamW, betas 0.9/0.999, weight decay 0.01)
+    fake_lr: float = 2e-6
+    weight_decay: float = 0.01
+    grad_clip: float = 10.0
+    batch: int = 336  # generator images per step for the distribution-matching loss (global)
+    reg_batch: int = 336  # regression pairs per step (global), a separate batch as in DMD
+    lambda_reg: float = 0.25  # 0 drops the regression loss (DMD2)
+    fake_updates_per_gen: int = 1  # 1 = DMD; 5 = DMD2's two time-scale rule
+    lpips_net: str = "vgg"  # vgg (DMD) | alex | squeeze
+    lpips_pretrained: bool = True  # False: random backbone (offline demo/ci; not a perceptual metric)
+    lpips_size: int = 224  # images are upsampled to this before LPIPS (DMD: 224)
+    guidance: float = 1.0  # for the real score (the fake score stays unguided); w != 1 needs pairs.guide
+    duration_nimg: int = 25_600_000  # generator images
+    checkpoint_nimg: int = 1_000_000
+    log_nimg: int = throughput(100_000)
+    num_workers: int = throughput(1)
+    use_gpu: bool = throughput(False)
+    max_failures: int = throughput(2)
+
+    def __post_init__(self) -> None:
+        _check_choice("distill", "lpips_net", self.lpips_net, ("vgg", "alex", "squeeze"))
+        _check_positive("distill", lr=self.lr, fake_lr=self.fake_lr, batch=self.batch, reg_batch=self.reg_batch,
+                        duration_nimg=self.duration_nimg, checkpoint_nimg=self.checkpoint_nimg,
+                        fake_updates_per_gen=self.fake_updates_per_gen, lpips_size=self.lpips_size,
+                        num_workers=self.num_workers, log_nimg=self.log_nimg)
+        for name in ("duration_nimg", "checkpoint_nimg", "log_nimg"):
+            if getattr(self, name) % self.batch:
+                raise ValueError(f"distill.{name} = {getattr(self, name)} must be a multiple of distill.batch = {self.batch}")
+        for name in ("batch", "reg_batch"):
+            if getattr(self, name) % self.num_workers:
+                raise ValueError(f"distill.{name} = {getattr(self, name)} is not divisible by "
+                                 f"distill.num_workers = {self.num_workers}")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """FID of every phema variant (multi-step sampler) and, later, the one-step student."""
 
@@ -216,6 +254,7 @@ class Config:
     refstats: RefstatsConfig = field(default_factory=RefstatsConfig)
     phema: PhemaConfig = field(default_factory=PhemaConfig)
     pairs: PairsConfig = field(default_factory=PairsConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:

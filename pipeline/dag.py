@@ -30,9 +30,12 @@ log = logging.getLogger("onestep")
 # Stage name -> (module, config section), in a topological order (each after its upstream).
 STAGE_MODULES: dict[str, tuple[str, str]] = {
     "encode": ("stages.encode", "encode"),
+    "refstats": ("stages.refstats", "refstats"),
     "teacher": ("stages.teacher", "teacher"),
     "phema": ("stages.phema", "phema"),
     "pairs": ("stages.pairs", "pairs"),
+    "distill": ("stages.distill", "distill"),
+    "evaluate": ("stages.evaluate", "eval"),
 }
 
 

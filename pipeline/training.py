@@ -30,7 +30,7 @@ def mix_seed(*parts: int) -> int:
 def zero_nonfinite_grads_(params: Iterable[torch.nn.Parameter]) -> bool:
     """Replace NaN/inf gradient entries by 0 in place (EDM2); True when all were finite."""
     grads = [p.grad for p in params if p.grad is not None]
-    finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+    finite = bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()) if grads else True  # one pass
     if not finite:
         for g in grads:
             torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)

@@ -25,6 +25,7 @@ from pipeline import store
 from pipeline.config import EvalConfig
 from pipeline.dag import StageContext
 from pipeline.data.encoders import make_encoder
+from pipeline.diffusion.dmd import OneStepGenerator
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import Resources
 from pipeline.metrics.fid import FeatureStats, frechet_distance, load_inception
@@ -32,7 +33,7 @@ from pipeline.store import Artifact
 from pipeline.training import load_network
 
 VERSION = "1"
-UPSTREAM = ("encode", "refstats", "phema")
+UPSTREAM = ("encode", "refstats", "phema", "distill")
 
 
 @dataclass(frozen=True)
@@ -41,9 +42,14 @@ class Model:
 
     name: str
     artifact: Artifact
-    weights: str  # file in the artifact; the architecture is its `network.json`
+    weights: str  # file in the artifact
     sigma_rel: float | None
     num_steps: int  # Heun steps; 0 = one-step generator
+
+    @property
+    def config_name(self) -> str:
+        """The network's config file in the artifact: `student.json` or `network.json`."""
+        return "student" if self.num_steps == 0 else "network"
 
     @property
     def nfe(self) -> int:
@@ -67,7 +73,10 @@ def generate(model: Model, net: torch.nn.Module, seeds: list[int], encoder: Any,
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     noise, labels = seeded_noise(seeds, shape, net.num_classes, device)
     with torch.no_grad():
-        x = edm_sampler(net, noise, labels, num_steps=model.num_steps)
+        if model.num_steps:
+            x = edm_sampler(net, noise, labels, num_steps=model.num_steps)
+        else:  # the one-step student: G(z) = D(sigma_max z, sigma_max)
+            x = OneStepGenerator(net)(noise, labels)
     return encoder.decode(x)
 
 
@@ -76,7 +85,7 @@ def evaluate_range(job: EvalJob, item: tuple[int, int, int]) -> dict[str, Any]:
     index, start, stop = item
     model = job.models[index]
     begin = time.perf_counter()
-    net = load_network(model.artifact, "network", model.weights).to(job.device)
+    net = load_network(model.artifact, model.config_name, model.weights).to(job.device)
     encoder = make_encoder(job.encoder["name"], job.encoder.get("vae", ""), job.device)
     inception = load_inception(job.inception_weights, job.device)
     stats, grid = FeatureStats(inception.dim), []
@@ -175,7 +184,8 @@ def run(ctx: StageContext, cfg: EvalConfig, inputs: dict[str, Artifact]) -> dict
     with inputs["refstats"].open("stats.npz") as f:
         ref = np.load(io.BytesIO(f.read()))
         ref_mu, ref_sigma = ref["mu"], ref["sigma"]
-    models = _teacher_models(inputs["phema"], cfg.num_steps)
+    models = [*_teacher_models(inputs["phema"], cfg.num_steps),
+              Model("student (1 step)", inputs["distill"], "student.safetensors", None, 0)]
     encoder = inputs["encode"].manifest()["outputs"]["encoder"]
     job = EvalJob(models, encoder, refstats["inception_weights"], cfg.batch, cfg.grid_images, device)
     items = _items(len(models), cfg)

@@ -67,7 +67,6 @@ def make_shard(job: PairsJob, shard: int) -> int:
     """Sample and commit one shard of pairs (skipped if committed); returns pairs made."""
     if job.artifact.piece_done(piece_name(shard)):
         return 0
-    torch.set_grad_enabled(False)
     net, guide = _load(job)
     first = shard * job.cfg.pairs_per_shard
     stop = min(first + job.cfg.pairs_per_shard, job.cfg.num_pairs)

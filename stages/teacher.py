@@ -145,7 +145,7 @@ def train_loop(session: TrainSession, args: LoopArgs) -> None:
     torch.manual_seed(args.seed)  # the same initial weights on every worker
     net = build_denoiser(**args.net_config).to(device).train()
     params = list(net.parameters())
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8)
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-8, foreach=True)
     ema = PowerFunctionEMA(net, cfg.ema_sigma_rels)
     nimg = session.restore(partial(_restore, net, opt, ema)) or 0
     model = session.wrap(net)

@@ -88,3 +88,30 @@ def save_tiny_vae(path: Path) -> str:
     )
     vae.save_pretrained(path)
     return str(path)
+
+
+def save_random_inception(path: Path) -> str:
+    """A tiny random network saved as TorchScript with the calling convention of clean-fid's
+    inception-2015-12-05.pt: `.layers` maps (img - 128) / 128 at 299x299 to [B, 2048, 1, 1] pool
+    features; `forward(img, return_features=True)` resizes inside and gives [B, 2048]."""
+    import torch
+    import torch.nn.functional as F
+
+    class TinyInception(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = torch.nn.Sequential(
+                torch.nn.Conv2d(3, 8, 5, stride=4), torch.nn.ReLU(),
+                torch.nn.Conv2d(8, 32, 3, stride=2), torch.nn.ReLU(),
+                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(32, 2048, 1), torch.nn.ReLU(),
+            )
+            self.output = torch.nn.Linear(2048, 1008)  # the real file's 1008 logits
+
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            x = F.interpolate(img, size=(299, 299), mode="bilinear", align_corners=False)
+            features = self.layers((x - 128) / 128).flatten(1)
+            return features if return_features else self.output(features)
+
+    torch.manual_seed(0)
+    torch.jit.script(TinyInception().eval()).save(str(path))
+    return str(path)

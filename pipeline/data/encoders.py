@@ -38,6 +38,8 @@ class Encoder(Protocol):
 
     def decode(self, x: torch.Tensor) -> np.ndarray: ...  # model space -> uint8 [B,H,W,3]
 
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor: ...  # model space -> [-1, 1], differentiable
+
     def info(self) -> dict[str, Any]: ...
 
 
@@ -64,6 +66,10 @@ class RgbEncoder:
 
     def decode(self, x: torch.Tensor) -> np.ndarray:
         return _to_uint8(x.float() * 127.5 + 128)
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in [-1, 1], differentiable (for LPIPS)."""
+        return x.float()
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, "stored_channels": self.stored_channels,
@@ -160,11 +166,15 @@ class VaeEncoder:
         scale, bias = self._affine(z.device)
         return z * scale + bias
 
-    @torch.no_grad()
-    def decode(self, x: torch.Tensor) -> np.ndarray:
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """Model space -> images in [-1, 1] through the VAE decoder, differentiable (for LPIPS)."""
         scale, bias = self._affine(x.device)
         z = ((x.float() - bias) / scale).to(self.device)
-        pixels = self.model().decode(z).sample.clamp(0, 1)
+        return self.model().decode(z).sample * 2 - 1
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> np.ndarray:
+        pixels = ((self.to_pixels(x) + 1) / 2).clamp(0, 1)
         return _to_uint8(pixels * 255 + 0.5)
 
     def info(self) -> dict[str, Any]:

@@ -1,9 +1,18 @@
 """Fréchet distance and feature statistics against independent computations (papers.md, "Metrics")."""
 
+import os
+import shutil
+import urllib.error
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.linalg
+import torch
+from helpers import save_random_inception
 
+from pipeline import store
+from pipeline.metrics import fid
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 
 
@@ -57,18 +66,13 @@ def test_singular_covariances() -> None:
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
-def test_non_finite_square_root_retries_with_offset(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls: list[np.ndarray] = []
-    real_sqrtm = scipy.linalg.sqrtm
-
-    def first_call_fails(m: np.ndarray) -> np.ndarray:
-        calls.append(m)
-        return np.full_like(m, np.nan) if len(calls) == 1 else real_sqrtm(m)
-
-    monkeypatch.setattr(scipy.linalg, "sqrtm", first_call_fails)
-    d = frechet_distance(np.zeros(2), np.diag([1.0, 4.0]), np.zeros(2), np.diag([4.0, 1.0]), eps=1e-3)
-    assert len(calls) == 2 and np.isfinite(d)
-    np.testing.assert_allclose(calls[1], np.diag([1.001 * 4.001, 4.001 * 1.001]))
+def test_matches_direct_scipy_sqrtm_of_the_product() -> None:
+    rng = np.random.default_rng(4)
+    mu1, mu2 = rng.normal(size=24), rng.normal(size=24)
+    s1, s2 = random_spd(rng, 24), random_spd(rng, 24)
+    direct = (np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2)
+              - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2)).real)
+    assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(direct, rel=1e-8)
 
 
 def test_feature_stats_match_numpy_and_merge() -> None:
@@ -91,3 +95,97 @@ def test_feature_stats_match_numpy_and_merge() -> None:
     np.testing.assert_array_equal(restored.sum_outer, merged.sum_outer)
     with pytest.raises(ValueError, match=r"\[N, 12\]"):
         whole.add(feats[:, :5])
+
+
+def _images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+
+
+def test_features_equal_clean_fids_own_pipeline(tmp_path: Path) -> None:
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.utils import ResizeDataset
+
+    weights = save_random_inception(tmp_path / "inception-2015-12-05.pt")
+    images = _images(5)
+    files = []
+    for i, image in enumerate(images):
+        np.save(tmp_path / f"{i}.npy", image)
+        files.append(str(tmp_path / f"{i}.npy"))
+    batch = torch.stack([ResizeDataset(files, mode="clean")[i] for i in range(5)])  # PIL bicubic per channel
+    with torch.no_grad():
+        expected = InceptionV3W(str(tmp_path), download=False)(batch).double().numpy()
+    inception = fid.load_inception(weights)
+    actual = inception.features(images)
+    assert actual.dtype == np.float64 and actual.shape == (5, 2048) and inception.dim == 2048
+    np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
+    assert not inception.random and inception.metric_name == "FID"
+
+
+def test_clean_fid_weights_come_from_its_cache_or_its_download(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    tiny = save_random_inception(tmp_path / "tiny.pt")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(fid, "CLEAN_FID_DIR", str(cache))
+    downloads: list[str] = []
+
+    def offline(fpath: str) -> str:
+        downloads.append(fpath)
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(fid, "check_download_inception", offline)
+    with pytest.raises(ValueError, match=r"refstats.inception_weights='clean-fid'.*could not download.*"
+                                         r"inception-2015-12-05.pt on a machine with internet.*"
+                                         r"set refstats.inception_weights=/path/or/url"):
+        fid.load_inception("clean-fid")
+    assert len(downloads) == 1 and os.listdir(cache) == []  # no half-written file left behind
+
+    def download(fpath: str) -> str:
+        downloads.append(fpath)
+        return shutil.copy(tiny, os.path.join(fpath, "inception-2015-12-05.pt"))
+
+    monkeypatch.setattr(fid, "check_download_inception", download)
+    first = fid.load_inception("clean-fid").features(_images(2))
+    assert len(downloads) == 2 and os.listdir(cache) == ["inception-2015-12-05.pt"]
+    monkeypatch.setattr(fid, "check_download_inception", offline)
+    np.testing.assert_array_equal(fid.load_inception("clean-fid").features(_images(2)), first)  # cached
+    assert len(downloads) == 2
+
+
+def test_weights_from_an_fsspec_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    local = save_random_inception(tmp_path / "inception-2015-12-05.pt")
+    url = "memory://weights/inception-2015-12-05.pt"
+    store.write_bytes(url, Path(local).read_bytes())
+    images = _images(3)
+    np.testing.assert_array_equal(fid.load_inception(url).features(images),
+                                  fid.load_inception(local).features(images))
+    with pytest.raises(ValueError, match=r"refstats.inception_weights='memory://weights/nope.pt'.*cannot copy"):
+        fid.load_inception("memory://weights/nope.pt")
+
+
+def test_files_that_are_not_the_inception_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "garbage.pt").write_bytes(b"garbage")
+    torch.jit.script(torch.nn.Linear(2, 2)).save(str(tmp_path / "linear.pt"))
+    wrong = torch.nn.Module()
+    wrong.layers = torch.nn.Conv2d(3, 4, 3)
+    torch.jit.script(wrong).save(str(tmp_path / "wrong.pt"))
+    cases = {"garbage.pt": "is not a TorchScript file", "linear.pt": "has no `layers` submodule",
+             "wrong.pt": "fails on a 299x299 image", "missing.pt": "no file"}
+    for name, message in cases.items():
+        with pytest.raises(ValueError, match=f"refstats.inception_weights=.*{name}.*{message}"):
+            fid.load_inception(str(tmp_path / name))
+
+
+def test_random_weights_are_the_same_network_in_every_load() -> None:
+    images = _images(1)
+    torch.manual_seed(1)
+    state = torch.random.get_rng_state()
+    first = fid.load_inception("random")
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left alone
+    torch.manual_seed(2)
+    second = fid.load_inception("random")
+    a, b = first.features(images), second.features(images)
+    assert a.shape == (1, 2048) and np.isfinite(a).all() and a.std() > 0
+    np.testing.assert_array_equal(a, b)
+    assert first.random and first.metric_name == "FD (random-weight Inception)"

@@ -1,0 +1,210 @@
+"""distill: a one-step generator from the phema teacher with Distribution Matching Distillation.
+
+    onestep run --config ci --until distill --storage /tmp/onestep
+
+G(z, label) = D_G(sigma_max z, sigma_max, label), initialised from the teacher variant that
+made the pairs; the real score is that teacher, frozen; the fake score is a trainable copy
+trained on G's detached outputs with the teacher's own loss. Each generator step combines
+the distribution-matching loss on a fresh batch with `lambda_reg` x LPIPS regression on a
+separate batch of pairs (papers.md, DMD). `fake_updates_per_gen` > 1 is DMD2's two
+time-scale rule. Checkpoints, resume and failures work as in the teacher stage.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+
+from pipeline.config import DistillConfig
+from pipeline.dag import StageContext
+from pipeline.data.encoders import make_encoder
+from pipeline.data.shards import reader
+from pipeline.diffusion.dmd import (OneStepGenerator, distribution_matching_loss, fake_score_loss, load_lpips,
+                                    lpips_regression_loss, sample_dm_sigma)
+from pipeline.diffusion.loss import sample_sigma
+from pipeline.executor import DDPJob, TrainSession
+from pipeline.models.edm2 import Denoiser
+from pipeline.store import Artifact
+from pipeline.training import (MetricsLog, gather_metrics, load_network, load_state, mix_seed, save_network,
+                               save_state)
+
+VERSION = "1"
+UPSTREAM = ("encode", "teacher", "phema", "pairs")
+
+
+@dataclass(frozen=True)
+class DistillArgs:
+    """Everything a training worker needs (picklable)."""
+
+    cfg: DistillConfig
+    teacher_loss: dict[str, Any]  # the teacher's P_mean, P_std, weighting, min_snr_gamma, use_uncertainty
+    phema: Artifact
+    weights: str  # the teacher variant's file in the phema artifact
+    guide: str  # folder URL of the guiding network ("" = none)
+    pair_urls: list[str]
+    encoder: dict[str, Any]
+    artifact: Artifact
+    seed: int
+
+
+@dataclass
+class Nets:
+    generator: OneStepGenerator
+    fake: Denoiser
+    real: Denoiser
+    guide: Denoiser | None
+    opt_g: torch.optim.Optimizer
+    opt_f: torch.optim.Optimizer
+
+
+def _adamw(params: Any, lr: float, cfg: DistillConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+
+def build_nets(args: DistillArgs, device: torch.device) -> Nets:
+    real = load_network(args.phema, "network", args.weights).to(device)
+    generator = OneStepGenerator.from_teacher(real).to(device).train()
+    generator.net.u_linear.requires_grad_(False)  # G never uses the uncertainty branch
+    fake = copy.deepcopy(real).requires_grad_(True).train()
+    guide = load_network(Artifact(args.guide), "network").to(device) if args.guide else None
+    g_params = [p for p in generator.parameters() if p.requires_grad]
+    return Nets(generator, fake, real, guide, _adamw(g_params, args.cfg.lr, args.cfg),
+                _adamw(fake.parameters(), args.cfg.fake_lr, args.cfg))
+
+
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], clip: float) -> float:
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return float(norm)
+
+
+def _latents(batch: int, net: Denoiser, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    z = torch.randn(batch, net.img_channels, net.img_resolution, net.img_resolution, device=device)
+    labels = torch.randint(net.num_classes, (batch,), device=device) if net.num_classes else None
+    return z, labels
+
+
+def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batch: int, device: torch.device) -> float:
+    """One fake-score step on G's detached outputs with the teacher's denoising loss."""
+    z, labels = _latents(batch, nets.real, device)
+    with torch.no_grad():
+        x = nets.generator(z, labels)
+    loss_cfg = args.teacher_loss
+    sigma = sample_sigma(batch, loss_cfg["P_mean"], loss_cfg["P_std"], None, device)
+    out = fake_score_loss(fake_model, x, labels, sigma, torch.randn_like(x), weighting=loss_cfg["weighting"],
+                          min_snr_gamma=loss_cfg["min_snr_gamma"], use_uncertainty=loss_cfg["use_uncertainty"])
+    _step(nets.opt_f, out.loss, list(nets.fake.parameters()), args.cfg.grad_clip)
+    return out.loss.item()
+
+
+def generator_update(nets: Nets, gen_model: torch.nn.Module, pairs: Iterator, encoder: Any, lpips: Any,
+                     args: DistillArgs, batch: int, device: torch.device) -> dict[str, float]:
+    """L = L_DM (fresh z) + lambda_reg LPIPS(G(pair noise), pair target), in one forward of G."""
+    cfg = args.cfg
+    z, labels = _latents(batch, nets.real, device)
+    pz, py, plabels = (t.to(device) for t in next(pairs))
+    plabels = plabels if nets.real.num_classes else None
+    all_labels = None if labels is None else torch.cat([labels, plabels])
+    x_all = gen_model(torch.cat([z, pz.float()]), all_labels)  # one DDP forward for both losses
+    x, x_pairs = x_all[:batch], x_all[batch:]
+    sigma = sample_dm_sigma(batch, None, device)
+    loss_dm, info = distribution_matching_loss(x, labels, nets.real, nets.fake, sigma, torch.randn_like(x),
+                                               guidance=cfg.guidance, guide=nets.guide)
+    loss_reg = lpips_regression_loss(lpips, encoder.to_pixels(x_pairs), encoder.to_pixels(py.float()), cfg.lpips_size)
+    loss = loss_dm + cfg.lambda_reg * loss_reg
+    params = [p for p in nets.generator.parameters() if p.requires_grad]
+    norm = _step(nets.opt_g, loss, params, cfg.grad_clip)
+    return {"loss_dm": loss_dm.item(), "loss_reg": loss_reg.item(), "grad_norm": norm,
+            "dm_normalizer": float(info["normalizer"].mean())}
+
+
+def _restore(nets: Nets, path: str) -> int:
+    state = load_state(path)
+    nets.generator.load_state_dict(state["generator"])
+    nets.fake.load_state_dict(state["fake"])
+    nets.opt_g.load_state_dict(state["opt_g"])
+    nets.opt_f.load_state_dict(state["opt_f"])
+    return int(state["nimg"])
+
+
+def _checkpoint(session: TrainSession, nets: Nets, nimg: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = None
+        if session.rank == 0:
+            path = save_state(tmp, {"generator": nets.generator.state_dict(), "fake": nets.fake.state_dict(),
+                                    "opt_g": nets.opt_g.state_dict(), "opt_f": nets.opt_f.state_dict(), "nimg": nimg})
+        session.report({"nimg": nimg}, path)
+
+
+def train_loop(session: TrainSession, args: DistillArgs) -> None:
+    """Runs on every DDP worker: generator steps in chunks between checkpoints."""
+    cfg, device, rank, world = args.cfg, session.device, session.rank, session.world_size
+    nets = build_nets(args, device)
+    nimg = session.restore(partial(_restore, nets)) or 0
+    gen_model, fake_model = session.wrap(nets.generator), session.wrap(nets.fake)
+    encoder = make_encoder(args.encoder["name"], args.encoder.get("vae", ""), str(device))
+    lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained).to(device)
+    batch, reg_batch = cfg.batch // world, cfg.reg_batch // world
+    log = MetricsLog("distill", cfg.duration_nimg, rank)
+    while nimg < cfg.duration_nimg:
+        chunk_start = nimg
+        chunk_end = min((nimg // cfg.checkpoint_nimg + 1) * cfg.checkpoint_nimg, cfg.duration_nimg)
+        steps = (chunk_end - nimg) // cfg.batch
+        pairs = iter(reader(args.pair_urls, reg_batch, rank=rank, world_size=world, seed=mix_seed(args.seed, rank, nimg),
+                            shuffle_buffer=1000, resampled=True, num_batches=steps,
+                            fields=("noise.npy", "target.npy")))
+        tick, sums = time.perf_counter(), []
+        for _ in range(steps):
+            torch.manual_seed(mix_seed(args.seed, rank, nimg))
+            fake_losses = [fake_update(nets, fake_model, args, batch, device) for _ in range(cfg.fake_updates_per_gen)]
+            row = generator_update(nets, gen_model, pairs, encoder, lpips, args, batch, device)
+            sums.append({**row, "loss_fake": sum(fake_losses) / len(fake_losses)})
+            nimg += cfg.batch
+            if nimg % cfg.log_nimg == 0 or nimg == chunk_end:
+                log.add(_row(session, sums, nimg, len(sums) * cfg.batch, time.perf_counter() - tick))
+                tick, sums = time.perf_counter(), []
+        log.flush(args.artifact, chunk_start)
+        _checkpoint(session, nets, nimg)
+    if rank == 0:
+        save_network(args.artifact, "student", nets.generator.denoiser)
+
+
+def _row(session: TrainSession, rows: list[dict[str, float]], nimg: int, images: int, seconds: float) -> dict[str, Any]:
+    """Means over the steps since the last row and over the workers; global images/s."""
+    keys = sorted(rows[0])
+    sums = torch.tensor([sum(r[k] for r in rows) for k in keys], dtype=torch.float64, device=session.device)
+    totals = session.all_reduce(sums).tolist()
+    means = {k: v / (len(rows) * session.world_size) for k, v in zip(keys, totals)}
+    return {"nimg": nimg, **means, "img_per_s": images / seconds}
+
+
+def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
+    pairs = inputs["pairs"].manifest()
+    teacher_cfg = inputs["teacher"].manifest()["config"]
+    loss_keys = ("P_mean", "P_std", "weighting", "min_snr_gamma", "use_uncertainty")
+    if cfg.guidance != 1.0 and not pairs["config"]["guide"]:
+        raise ValueError(f"distill.guidance = {cfg.guidance} needs a guiding network: set pairs.guide "
+                         "(the real score and the pairs use the same guided teacher)")
+    args = DistillArgs(cfg, {k: teacher_cfg[k] for k in loss_keys}, inputs["phema"],
+                       pairs["outputs"]["teacher"]["file"], pairs["config"]["guide"],
+                       [inputs["pairs"].path(s) for s in pairs["outputs"]["shards"]],
+                       inputs["encode"].manifest()["outputs"]["encoder"], ctx.artifact, ctx.seed)
+    load_lpips(cfg.lpips_net, cfg.lpips_pretrained)  # a backbone that cannot be had fails here
+    job = DDPJob("distill", ctx.artifact.path("checkpoints"), cfg.num_workers, cfg.use_gpu, cfg.max_failures)
+    start = time.perf_counter()
+    ctx.ddp(train_loop, args, job)
+    rows = gather_metrics(ctx.artifact)
+    return {
+        "student": {"file": "student.safetensors", "config": "student.json", "nfe": 1},
+        "teacher": pairs["outputs"]["teacher"],
+        "metrics": rows[-1] if rows else {},
+        "train_wall_time_s": round(time.perf_counter() - start, 1),
+    }

@@ -1,0 +1,27 @@
+"""The whole DAG on the ci preset on the shared local Ray instance, through the CLI entry point."""
+
+import json
+from pathlib import Path
+
+from pipeline import cli, config as C, dag, store
+
+
+def test_ci_dag_runs_end_to_end_then_is_fully_cached(ray_session, tmp_path, capsys):
+    storage = str(tmp_path / "artifacts")
+    assert cli.main(["run", "--config", "ci", "--storage", storage]) == 0
+    cfg = C.load_config("ci", storage=storage)
+    keys = dag.cache_keys(dag.graph(), cfg)
+    st = store.Store(storage)
+    for stage, key in keys.items():
+        assert st.artifact(stage, key).state() == "done", stage
+    report = st.artifact("evaluate", keys["evaluate"])
+    outputs = report.manifest()["outputs"]
+    assert outputs["metric"] == "FD (random-weight Inception)"
+    assert [m["sigma_rel"] for m in outputs["models"]] == [0.05, 0.1]
+    md = store.read_bytes(report.path("report.md")).decode()
+    assert "RANDOM weights" in md and "Best teacher EMA length" in md
+    for m in outputs["models"]:
+        assert report.exists(m["grid"]) and m["fd"] > 0
+    capsys.readouterr()
+    assert cli.main(["run", "--config", "ci", "--storage", storage]) == 0
+    assert "run" not in capsys.readouterr().out.split("action", 1)[1]  # every stage cached

@@ -1,0 +1,174 @@
+"""The refstats stage on the ci data with a tiny TorchScript Inception loaded like the real one."""
+
+import io
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import save_random_inception, save_tiny_vae
+
+from pipeline import config as C
+from pipeline import dag, store
+from pipeline.data.encoders import RgbEncoder, make_encoder
+from pipeline.data.shards import reader
+from pipeline.executor import InlineExecutor, RayExecutor
+from pipeline.metrics.fid import InceptionFeatures, frechet_distance, load_inception
+from stages import refstats as R
+
+
+class CountingExecutor(InlineExecutor):
+    def __init__(self):
+        self.calls = 0
+
+    def map(self, fn, items, resources=None, desc=""):
+        self.calls += len(items)
+        return super().map(fn, items)
+
+
+@pytest.fixture(scope="module")
+def inception(tmp_path_factory) -> str:
+    return save_random_inception(tmp_path_factory.mktemp("inception") / "inception-2015-12-05.pt")
+
+
+def _cfg(storage: Path, inception: str, *overrides: str) -> C.Config:
+    return C.load_config("ci", ["encode.num_images=60", "encode.shard_size=25", "refstats.batch=16",
+                                f"refstats.inception_weights={inception}", *overrides], storage=str(storage))
+
+
+def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
+    return store.Store(cfg.storage).artifact(stage, dag.cache_keys(dag.graph(), cfg)[stage])
+
+
+def _refstats(cfg: C.Config, executor=None, force: list[str] = ()) -> tuple[dict, dict]:
+    dag.run(cfg, until="refstats", executor=executor or InlineExecutor(), force=force)
+    art = _artifact(cfg, "refstats")
+    with art.open("stats.npz") as f:
+        stats = dict(np.load(io.BytesIO(f.read())))
+    return art.manifest()["outputs"], stats
+
+
+def _close(actual: np.ndarray, expected: np.ndarray) -> None:
+    """Equal up to float32 rounding of the features (batch composition changes conv arithmetic)."""
+    np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6 * np.abs(expected).max())
+
+
+def _direct(cfg: C.Config, inception: str, num_images: int) -> tuple[np.ndarray, np.ndarray]:
+    """mu and unbiased sigma of the first images, in one process, without the stage's code."""
+    encode = _artifact(cfg, "encode")
+    urls = [encode.path(name) for name in encode.manifest()["outputs"]["shards"]]
+    stored = torch.cat([x for x, _ in reader(urls, 1000)])[:num_images]
+    images = RgbEncoder().decode(RgbEncoder().to_model(stored))
+    feats = load_inception(inception).features(images)
+    return feats.mean(0), np.cov(feats, rowvar=False)
+
+
+@pytest.mark.parametrize("num_images", [0, 30])
+def test_stats_equal_a_direct_computation(tmp_path, inception, num_images):
+    cfg = _cfg(tmp_path, inception, f"refstats.num_images={num_images}")
+    outputs, stats = _refstats(cfg)
+    count = num_images or 60
+    mu, sigma = _direct(cfg, inception, count)
+    assert stats["mu"].dtype == stats["sigma"].dtype == np.float64
+    assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and stats["count"] == count
+    _close(stats["mu"], mu)
+    _close(stats["sigma"], sigma)
+    assert outputs == {"count": count, "feature_dim": 2048, "inception_weights": inception,
+                       "metric_name": "FID", "random": False, "source": "dataset"}
+
+
+def test_one_or_several_ray_tasks_give_the_same_stats(ray_session, tmp_path, inception):
+    _, one = _refstats(_cfg(tmp_path / "one", inception, "encode.shard_size=60"), RayExecutor())
+    _, three = _refstats(_cfg(tmp_path / "three", inception, "encode.shard_size=20"), RayExecutor())
+    assert one["count"] == three["count"] == 60
+    _close(one["mu"], three["mu"])
+    _close(one["sigma"], three["sigma"])
+
+
+@pytest.mark.slow  # one scipy sqrtm of 2048 x 2048 inside frechet_distance: ~40 s on 2 CPUs
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # 60 features in 2048-d: singular sigma
+def test_fd_of_the_dataset_stats_with_themselves_is_zero(tmp_path, inception):
+    _, stats = _refstats(_cfg(tmp_path, inception))
+    fd = frechet_distance(stats["mu"], stats["sigma"], stats["mu"], stats["sigma"])
+    assert abs(fd) < 1e-5 * np.trace(stats["sigma"])
+
+
+def test_vae_samples_do_not_depend_on_the_batch(tmp_path, inception):
+    vae = save_tiny_vae(tmp_path / "vae")
+    cfg = _cfg(tmp_path, inception, "encode.encoder=vae", f"encode.vae={vae}", "encode.num_images=12",
+               "encode.shard_size=6", "refstats.batch=4")
+    _, a = _refstats(cfg)
+    _, b = _refstats(replace(cfg, refstats=replace(cfg.refstats, batch=5)), force=["refstats"])
+    assert a["count"] == b["count"] == 12
+    _close(a["mu"], b["mu"])  # each sample's posterior draw comes from its own generator
+    encode = _artifact(cfg, "encode")
+    stored, _ = next(iter(reader([encode.path(encode.manifest()["outputs"]["shards"][0])], 2)))
+    encoder = make_encoder("vae", vae)
+    same, other = R.decode_images(encoder, stored, [1, 2]), R.decode_images(encoder, stored, [3, 4])
+    assert np.array_equal(same, R.decode_images(encoder, stored, [1, 2])) and not np.array_equal(same, other)
+
+
+def test_a_published_npz_is_used_as_is(tmp_path, inception):
+    rng = np.random.default_rng(0)
+    mu, sigma = rng.normal(size=2048).astype(np.float32), np.diag(rng.uniform(1, 2, 2048))
+    url = "memory://refs/imagenet64.npz"
+    buf = io.BytesIO()
+    np.savez(buf, mu=mu, sigma=sigma)
+    store.write_bytes(url, buf.getvalue())
+    executor = CountingExecutor()
+    cfg = _cfg(tmp_path, inception, f"refstats.stats={url}")
+    dag.run(cfg, until="encode", executor=executor)
+    before = executor.calls
+    outputs, stats = _refstats(cfg, executor)
+    assert executor.calls == before  # no task: nothing is computed
+    assert stats["mu"].dtype == np.float64 and np.array_equal(stats["mu"], mu) and np.array_equal(stats["sigma"], sigma)
+    assert outputs["source"] == url and outputs["count"] is None
+
+
+def _npz(**arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("data, message", [
+    (_npz(mu=np.zeros(2048), sigma=np.eye(2048))[:5000], "cannot read it"),
+    (b"not an npz at all", "cannot read it"),
+    (_npz(mean=np.zeros(2048), cov=np.eye(2048)), r"no mu and sigma arrays \(it holds \['cov', 'mean'\]\)"),
+    (_npz(mu=np.zeros(64), sigma=np.eye(64)), r"mu has shape \(64,\)"),
+    (_npz(mu=np.full(2048, np.nan), sigma=np.eye(2048)), "mu or sigma holds NaN"),
+])
+def test_a_bad_npz_is_a_clear_error(tmp_path, data, message):
+    (tmp_path / "ref.npz").write_bytes(data)
+    with pytest.raises(ValueError, match=f"refstats.stats=.*ref.npz.*: {message}"):
+        R.read_stats(str(tmp_path / "ref.npz"))
+    with pytest.raises(ValueError, match="refstats.stats=.*FileNotFoundError"):
+        R.read_stats(str(tmp_path / "missing.npz"))
+
+
+def test_bad_weights_or_stats_fail_before_any_task(tmp_path, inception):
+    (tmp_path / "ref.npz").write_bytes(b"garbage")
+    (tmp_path / "not-torchscript.pt").write_bytes(b"garbage")
+    cases = {
+        f"refstats.inception_weights={tmp_path / 'nope.pt'}":
+            "refstats.inception_weights=.*no file .*nope.pt.*set refstats.inception_weights=/path/or/url",
+        f"refstats.inception_weights={tmp_path / 'not-torchscript.pt'}": "not a TorchScript file",
+        f"refstats.stats={tmp_path / 'ref.npz'}": "refstats.stats=.*cannot read it",
+    }
+    cfg = _cfg(tmp_path / "art", inception)
+    dag.run(cfg, until="encode", executor=InlineExecutor())
+    for override, message in cases.items():
+        executor = CountingExecutor()
+        bad = _cfg(tmp_path / "art", inception, override)
+        with pytest.raises(ValueError, match=message):
+            dag.run(bad, only=["refstats"], executor=executor)
+        assert executor.calls == 0 and _artifact(bad, "refstats").state() == "missing"
+
+
+def test_published_stats_with_a_random_inception_is_an_error(tmp_path, inception, monkeypatch):
+    random_like = InceptionFeatures(torch.jit.load(inception).layers, "cpu", random=True)  # fast stand-in
+    monkeypatch.setattr(R, "load_inception", lambda weights, device: random_like)
+    cfg = _cfg(tmp_path, inception, "refstats.stats=/refs/imagenet64.npz")
+    with pytest.raises(ValueError, match="cannot be compared with refstats.inception_weights='random'"):
+        dag.run(cfg, until="refstats", executor=InlineExecutor())
