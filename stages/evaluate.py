@@ -194,7 +194,8 @@ def run(ctx: StageContext, cfg: EvalConfig, inputs: dict[str, Artifact]) -> dict
     rows = [_score(ctx.artifact, i, m, [r for r in results if r["model"] == i], ref_mu, ref_sigma)
             for i, m in enumerate(models)]
     best = min((r for r in rows if r["sigma_rel"] is not None), key=lambda r: r["fd"])
-    note = (f"{metric} of {cfg.num_images} generated images per model against {refstats['count']} reference images."
+    reference = f"{refstats['count']} reference images" if refstats.get("count") else f"the statistics in {refstats['source']}"
+    note = (f"{metric} of {cfg.num_images} generated images per model against {reference}."
             + (" The Inception network has fixed RANDOM weights (demo/ci preset): these numbers are not FID "
                "and are comparable only with each other." if inception.random else ""))
     if inception.random:

@@ -28,7 +28,7 @@ def test_unknown_keys_list_the_valid_ones():
     with pytest.raises(ValueError) as e:
         C.load_config("ci", ["encode.resolutoin=64"])
     assert "encode.resolutoin" in str(e.value) and "resolution" in str(e.value) and "shard_size" in str(e.value)
-    with pytest.raises(ValueError, match="valid keys: encode, eval, executor"):
+    with pytest.raises(ValueError, match="valid keys: distill, encode, eval, executor"):
         C.load_config("ci", ["nope=1"])
 
 
@@ -69,3 +69,9 @@ def test_dump_round_trips(tmp_path):
     path = tmp_path / "dumped.yaml"
     path.write_text(C.dump(cfg))
     assert C.load_config(str(path)) == cfg
+
+
+def test_float_fields_take_exponents_without_a_dot():
+    assert C.load_config("ci", ["teacher.lr=1e-3"]).teacher.lr == 0.001
+    with pytest.raises(ValueError, match="teacher.lr: expected float"):
+        C.load_config("ci", ["teacher.lr=fast"])

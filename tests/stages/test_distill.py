@@ -1,0 +1,78 @@
+"""The distill stage on a tiny ci teacher: it trains, the regression loss falls, the student loads."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import config as C
+from pipeline import dag, store
+from pipeline.diffusion.dmd import OneStepGenerator
+from pipeline.executor import InlineExecutor
+from pipeline.training import load_network
+
+TINY = ["encode.num_images=32", "encode.shard_size=32", "teacher.channels=16", "teacher.batch=4",
+        "teacher.snapshot_nimg=8", "teacher.checkpoint_nimg=16", "teacher.duration_nimg=32",
+        "teacher.log_nimg=8", "teacher.lr_rampup_nimg=0", "teacher.shuffle_buffer=32",
+        "phema.sigma_rels=[0.05,0.1]", "pairs.num_pairs=16", "pairs.num_steps=4", "pairs.pairs_per_shard=16",
+        "distill.batch=8", "distill.reg_batch=8", "distill.checkpoint_nimg=64", "distill.log_nimg=16",
+        "distill.lpips_size=32"]
+
+
+def _cfg(storage: str, *extra: str) -> C.Config:
+    return C.load_config("ci", [*TINY, *extra], storage=storage)
+
+
+def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
+    return store.Store(cfg.storage).artifact(stage, dag.cache_keys(dag.graph(), cfg)[stage])
+
+
+@pytest.fixture(scope="module")
+def pairs_store(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("distill") / "store"
+    dag.run(_cfg(str(root)), until="pairs", executor=InlineExecutor())
+    return root
+
+
+@pytest.fixture
+def storage(pairs_store, tmp_path) -> str:
+    shutil.copytree(pairs_store, tmp_path / "store")
+    return str(tmp_path / "store")
+
+
+def _rows(art: store.Artifact) -> list[dict]:
+    return [json.loads(line) for line in store.read_bytes(art.path("metrics.jsonl")).decode().splitlines()]
+
+
+def test_distill_trains_with_finite_losses_and_the_regression_loss_falls(storage):
+    # Regression only, with a larger step: the generator must fit the 16 pairs better and better.
+    cfg = _cfg(storage, "distill.duration_nimg=256", "distill.lr=0.01", "distill.lambda_reg=100")
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    art = _artifact(cfg, "distill")
+    rows = _rows(art)
+    assert [r["nimg"] for r in rows] == list(range(16, 257, 16))
+    for r in rows:
+        assert all(np.isfinite(r[k]) for k in ("loss_dm", "loss_reg", "loss_fake", "grad_norm"))
+    first, last = np.mean([r["loss_reg"] for r in rows[:2]]), np.mean([r["loss_reg"] for r in rows[-2:]])
+    assert last < 0.8 * first, (first, last)
+    out = art.manifest()["outputs"]
+    assert out["student"]["nfe"] == 1 and out["teacher"]["sigma_rel"] == 0.1
+
+
+def test_student_loads_and_starts_from_the_teacher(storage):
+    cfg = _cfg(storage, "distill.duration_nimg=16", "distill.lr=1e-9", "distill.fake_lr=1e-9")
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    student = load_network(_artifact(cfg, "distill"), "student")
+    teacher = load_network(_artifact(cfg, "phema"), "network", "phema-0.1000.safetensors")
+    z = torch.randn(2, 3, 16, 16)
+    labels = torch.tensor([1, 7])
+    torch.testing.assert_close(OneStepGenerator(student)(z, labels), teacher(80 * z, torch.full((2,), 80.0), labels),
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_without_a_guide_is_refused(storage):
+    with pytest.raises(ValueError, match="needs a guiding network: set pairs.guide"):
+        dag.run(_cfg(storage, "distill.guidance=2"), only=["distill"], executor=InlineExecutor())
