@@ -4,6 +4,7 @@
     onestep run --config ci --storage /tmp/os --set encode.num_images=200 --dry-run
     onestep status --config ci --storage /tmp/os
     onestep show encode --config ci --storage /tmp/os
+    onestep sample --model student --num 16 --out grid.png --config ci --storage /tmp/os
 """
 
 from __future__ import annotations
@@ -42,7 +43,48 @@ def parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print one stage's manifest")
     show.add_argument("stage")
     _add_config_args(show)
+    sample = sub.add_parser("sample", help="draw images from the student or a teacher variant of a run")
+    _add_config_args(sample)
+    sample.add_argument("--model", default="student", help="student | teacher[:SIGMA_REL] (default sigma_rel: pairs.sigma_rel)")
+    sample.add_argument("--steps", type=int, default=None, help="Heun steps for a teacher (default: eval.num_steps)")
+    sample.add_argument("--num", type=int, default=16, help="how many images (seeds A, A+1, ...)")
+    sample.add_argument("--seeds", default=None, metavar="A-B", help="seed range, inclusive (overrides --num)")
+    sample.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, cycled over the seeds")
+    sample.add_argument("--out", required=True, help="a .png for one grid, or a folder for one PNG per seed")
     return p
+
+
+def parse_seeds(text: str | None, num: int) -> list[int]:
+    if text is None:
+        return list(range(num))
+    try:
+        lo, hi = (int(v) for v in text.split("-"))
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected A-B, e.g. 0-63") from None
+    if hi < lo:
+        raise ValueError(f"--seeds {text!r}: the end is before the start")
+    return list(range(lo, hi + 1))
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from stages.evaluate import grid_png, sample_model
+
+    cfg = load(args)
+    seeds = parse_seeds(args.seeds, args.num)
+    classes = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(len(seeds))]
+    images = sample_model(cfg, args.model, seeds, args.steps, classes)
+    out = Path(args.out)
+    if out.suffix.lower() == ".png":
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(grid_png(list(images)))
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        for seed, image in zip(seeds, images):
+            (out / f"{seed:06d}.png").write_bytes(grid_png([image]))
+    print(f"wrote {len(images)} images from {args.model} to {out}")
+    return 0
 
 
 def load(args: argparse.Namespace) -> C.Config:
@@ -110,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "sample":
+            return cmd_sample(args)
         if args.command == "status":
             print(status_table(load(args)))
             return 0

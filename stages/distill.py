@@ -23,7 +23,7 @@ import torch
 
 from pipeline.config import DistillConfig
 from pipeline.dag import StageContext
-from pipeline.data.encoders import make_encoder
+from pipeline.data.encoders import encoder_from_info
 from pipeline.data.shards import reader
 from pipeline.diffusion.dmd import (OneStepGenerator, distribution_matching_loss, fake_score_loss, load_lpips,
                                     lpips_regression_loss, sample_dm_sigma)
@@ -150,7 +150,7 @@ def train_loop(session: TrainSession, args: DistillArgs) -> None:
     nets = build_nets(args, device)
     nimg = session.restore(partial(_restore, nets)) or 0
     gen_model, fake_model = session.wrap(nets.generator), session.wrap(nets.fake)
-    encoder = make_encoder(args.encoder["name"], args.encoder.get("vae", ""), str(device))
+    encoder = encoder_from_info(args.encoder, str(device))
     lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained).to(device)
     batch, reg_batch = cfg.batch // world, cfg.reg_batch // world
     log = MetricsLog("distill", cfg.duration_nimg, rank)

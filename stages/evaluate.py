@@ -24,7 +24,7 @@ from PIL import Image
 from pipeline import store
 from pipeline.config import EvalConfig
 from pipeline.dag import StageContext
-from pipeline.data.encoders import make_encoder
+from pipeline.data.encoders import encoder_from_info
 from pipeline.diffusion.dmd import OneStepGenerator
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import Resources
@@ -68,10 +68,14 @@ class EvalJob:
     device: str
 
 
-def generate(model: Model, net: torch.nn.Module, seeds: list[int], encoder: Any, device: str) -> np.ndarray:
-    """uint8 images [B, H, W, 3] for these seeds (noise and label from each seed's generator)."""
+def generate(model: Model, net: torch.nn.Module, seeds: list[int], encoder: Any, device: str,
+             classes: list[int] | None = None) -> np.ndarray:
+    """uint8 images [B, H, W, 3] for these seeds (noise and label from each seed's generator;
+    `classes`, if given, replaces the labels)."""
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     noise, labels = seeded_noise(seeds, shape, net.num_classes, device)
+    if classes is not None and labels is not None:
+        labels = torch.tensor(classes, device=device)
     with torch.no_grad():
         if model.num_steps:
             x = edm_sampler(net, noise, labels, num_steps=model.num_steps)
@@ -86,7 +90,7 @@ def evaluate_range(job: EvalJob, item: tuple[int, int, int]) -> dict[str, Any]:
     model = job.models[index]
     begin = time.perf_counter()
     net = load_network(model.artifact, model.config_name, model.weights).to(job.device)
-    encoder = make_encoder(job.encoder["name"], job.encoder.get("vae", ""), job.device)
+    encoder = encoder_from_info(job.encoder, job.device)
     inception = load_inception(job.inception_weights, job.device)
     stats, grid = FeatureStats(inception.dim), []
     for lo in range(start, stop, job.batch):
@@ -223,3 +227,32 @@ def _score(artifact: Artifact, index: int, model: Model, results: list[dict[str,
     return {"name": model.name, "sigma_rel": model.sigma_rel, "steps": model.num_steps, "nfe": model.nfe,
             "fd": float(fd), "seconds": round(sum(r["seconds"] for r in results), 2), "grid": grid_file,
             "count": int(stats.count)}
+
+
+def sample_model(cfg: Any, which: str, seeds: list[int], steps: int | None,
+                 classes: list[int] | None) -> np.ndarray:
+    """Images of `student` or `teacher[:SIGMA_REL]` from a run's artifacts (`onestep sample`)."""
+    from pipeline import dag
+
+    keys = dag.cache_keys(dag.graph(), cfg)
+    st = store.Store(cfg.storage)
+    kind, _, sigma = which.partition(":")
+    if kind == "student":
+        model = Model("student", st.artifact("distill", keys["distill"]), "student.safetensors", None, 0)
+    elif kind == "teacher":
+        sigma_rel = float(sigma) if sigma else cfg.pairs.sigma_rel
+        model = Model(which, st.artifact("phema", keys["phema"]), f"phema-{sigma_rel:.4f}.safetensors",
+                      sigma_rel, steps or cfg.eval.num_steps)
+    else:
+        raise ValueError(f"--model {which!r}: expected student or teacher[:SIGMA_REL]")
+    stage = "distill" if kind == "student" else "phema"
+    if model.artifact.manifest() is None:
+        raise ValueError(f"no {stage} artifact for this config in {store.redact(cfg.storage)}: "
+                         f"run `onestep run --until {stage}` with the same --config/--set first")
+    if not model.artifact.exists(model.weights):
+        raise ValueError(f"no teacher variant at sigma_rel {model.sigma_rel}: add it to phema.sigma_rels "
+                         "and rerun phema, or pick one of its variants")
+    net = load_network(model.artifact, model.config_name, model.weights)
+    encoder = encoder_from_info(st.artifact("encode", keys["encode"]).manifest()["outputs"]["encoder"])
+    return generate(model, net, seeds, encoder, "cpu", classes)
+

@@ -23,7 +23,7 @@ import torch
 from pipeline import store
 from pipeline.config import RefstatsConfig
 from pipeline.dag import StageContext
-from pipeline.data.encoders import Encoder, make_encoder
+from pipeline.data.encoders import Encoder, encoder_from_info
 from pipeline.data.shards import reader
 from pipeline.executor import Resources
 from pipeline.metrics.fid import FEATURE_DIM, FeatureStats, InceptionFeatures, load_inception
@@ -55,7 +55,7 @@ def decode_images(encoder: Encoder, stored: torch.Tensor, seeds: list[int]) -> n
 def shard_stats(job: ShardJob, item: tuple[str, int, int]) -> dict[str, np.ndarray]:
     """Feature sums (FeatureStats.to_dict) of the first `limit` samples of one shard."""
     url, shard, limit = item
-    encoder = make_encoder(job.encoder["name"], job.encoder.get("vae", ""), job.device)
+    encoder = encoder_from_info(job.encoder, job.device)
     inception = load_inception(job.inception_weights, job.device)
     stats = FeatureStats(inception.dim)
     for stored, _ in reader([url], job.batch):

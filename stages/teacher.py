@@ -22,7 +22,7 @@ import torch
 
 from pipeline.config import TeacherConfig
 from pipeline.dag import StageContext
-from pipeline.data.encoders import make_encoder
+from pipeline.data.encoders import encoder_from_info
 from pipeline.data.shards import reader
 from pipeline.diffusion.loss import edm2_loss, sample_sigma
 from pipeline.diffusion.phema import PowerFunctionEMA
@@ -150,7 +150,7 @@ def train_loop(session: TrainSession, args: LoopArgs) -> None:
     nimg = session.restore(partial(_restore, net, opt, ema)) or 0
     model = session.wrap(net)
     model = torch.compile(model) if cfg.compile else model
-    encoder = make_encoder(args.encoder["name"], args.encoder.get("vae", ""), str(device))
+    encoder = encoder_from_info(args.encoder, str(device))
     accum = cfg.batch // (session.world_size * cfg.batch_per_worker)
     log = MetricsLog("teacher", cfg.duration_nimg, rank)
     while nimg < cfg.duration_nimg:

@@ -190,3 +190,8 @@ def make_encoder(name: str, vae: str = DEFAULT_VAE, device: str = "cpu") -> Enco
     if name == "vae":
         return VaeEncoder(vae, device)
     raise ValueError(f"unknown encoder {name!r}: expected rgb or vae (encode.encoder)")
+
+
+def encoder_from_info(info: dict[str, Any], device: str = "cpu") -> Encoder:
+    """The encoder an encode manifest describes (its outputs' "encoder" entry)."""
+    return make_encoder(info["name"], info.get("vae", DEFAULT_VAE), device)

@@ -30,7 +30,7 @@ def test_run_status_show(tmp_path, capsys):
     assert cli.main(["show", "encode", *_args(storage)]) == 0
     manifest = json.loads(capsys.readouterr().out)
     assert manifest["outputs"]["num_samples"] == 40 and manifest["config"]["shard_size"] == 20
-    assert cli.main(["run", *_args(storage)]) == 0
+    assert cli.main(["run", *_args(storage, "--until", "encode")]) == 0
     assert "cached" in capsys.readouterr().out
 
 
@@ -41,3 +41,22 @@ def test_user_errors_are_one_line_messages(tmp_path, capsys):
     assert "onestep run --until encode" in capsys.readouterr().err
     assert cli.main(["run", *_args(str(tmp_path), "--only", "nope")]) == 2
     assert "unknown stage" in capsys.readouterr().err
+
+
+def test_sample_writes_the_requested_images(tmp_path, capsys):
+    from PIL import Image
+
+    storage = str(tmp_path / "a")
+    tiny = ["--set", "teacher.duration_nimg=256", "--set", "teacher.snapshot_nimg=128",
+            "--set", "teacher.checkpoint_nimg=256", "--set", "pairs.num_pairs=8", "--set", "pairs.num_steps=2",
+            "--set", "distill.duration_nimg=16", "--set", "refstats.num_images=8"]
+    assert cli.main(["run", *_args(storage, *tiny, "--until", "distill")]) == 0
+    grid = tmp_path / "grid.png"
+    assert cli.main(["sample", "--model", "student", "--num", "4", "--out", str(grid), *_args(storage, *tiny)]) == 0
+    assert Image.open(grid).size == (32, 32)  # 2 x 2 images of 16 px
+    folder = tmp_path / "teacher"
+    assert cli.main(["sample", "--model", "teacher:0.05", "--steps", "2", "--seeds", "10-12", "--classes", "3",
+                     "--out", str(folder), *_args(storage, *tiny)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ["000010.png", "000011.png", "000012.png"]
+    assert cli.main(["sample", "--model", "teacher:0.07", "--out", str(grid), *_args(storage, *tiny)]) == 2
+    assert "no teacher variant at sigma_rel 0.07" in capsys.readouterr().err
