@@ -2,20 +2,27 @@
 
     python workflows/bench.py encode      # encode images/s (1 vs 2 Ray workers), reader samples/s, status time
     python workflows/bench.py train       # teacher images/s: bare forward+backward vs train_loop; GPU bf16 MFU
+    python workflows/bench.py sample      # Heun sampler overhead, evaluate images/s (1 vs 2 workers), phema memory
+    python workflows/bench.py pairs       # pairs/s (1 vs 2 Ray workers) against the forward-pass bound
+    python workflows/bench.py distill     # one distill step against the sum of its passes, each timed alone
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
+import itertools
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +34,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import config as C  # noqa: E402
 from pipeline import dag, store  # noqa: E402
-from pipeline.data.encoders import DEFAULT_VAE, RAW_MEAN, RAW_STD, RgbEncoder, VaeEncoder  # noqa: E402
+from pipeline.data.encoders import (DEFAULT_VAE, RAW_MEAN, RAW_STD, RgbEncoder, VaeEncoder,  # noqa: E402
+                                    encoder_from_info)
 from pipeline.data.shards import reader, shard_name, write_shard  # noqa: E402
+from pipeline.diffusion.dmd import (distribution_matching_loss, fake_score_loss, load_lpips,  # noqa: E402
+                                   lpips_regression_loss)
 from pipeline.diffusion.loss import edm2_loss, sample_sigma  # noqa: E402
+from pipeline.diffusion.phema import reconstruct  # noqa: E402
+from pipeline.diffusion.sampler import edm_sampler, seeded_noise  # noqa: E402
 from pipeline.executor import DDPJob, InlineExecutor, RayExecutor, init_ray  # noqa: E402
 from pipeline.models.edm2 import Denoiser, build_denoiser  # noqa: E402
-from pipeline.training import gather_metrics  # noqa: E402
+from pipeline.training import gather_metrics, read_weights, save_network, weights_bytes  # noqa: E402
+from stages import distill as D  # noqa: E402
+from stages import pairs as P  # noqa: E402
+from stages import phema as PH  # noqa: E402
 from stages import teacher as T  # noqa: E402
+from stages.evaluate import EvalJob, Model, evaluate_range  # noqa: E402
 
 
 def table(rows: list[tuple[str, str, str]]) -> None:
@@ -138,16 +154,21 @@ def _forward_backward(net: Denoiser, r: T.Round, bf16: bool) -> None:
         edm2_loss(net, r.y, r.labels, r.sigma, r.noise).loss.backward()
 
 
-def _step_seconds(net: Denoiser, r: T.Round, warmup: int, iters: int, bf16: bool = False) -> float:
-    """Median wall time of one forward+backward after `warmup` untimed ones."""
+def _median_seconds(fn: Callable[[], Any], warmup: int, iters: int) -> float:
+    """Median wall time of fn() after `warmup` untimed calls (CUDA work included)."""
     times = []
     for _ in range(warmup + iters):
         start = time.perf_counter()
-        _forward_backward(net, r, bf16)
-        if r.y.is_cuda:
+        fn()
+        if torch.cuda.is_initialized():
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
     return statistics.median(times[warmup:])
+
+
+def _step_seconds(net: Denoiser, r: T.Round, warmup: int, iters: int, bf16: bool = False) -> float:
+    """Median wall time of one forward+backward after `warmup` untimed ones."""
+    return _median_seconds(partial(_forward_backward, net, r, bf16), warmup, iters)
 
 
 def _bare_rate(s: TrainSetting) -> float:
@@ -230,6 +251,255 @@ def bench_train(gpu_batch: int, peak_tflops: float) -> None:
         print("GPU rows skipped: torch.cuda.is_available() is False")
 
 
+def _preset_network(preset: str) -> Denoiser:
+    """The teacher network of a pixel-space preset (demo, ci) at its dataset's size."""
+    cfg = C.load_config(preset)
+    assert cfg.encode.encoder == "rgb", cfg.encode.encoder
+    torch.manual_seed(0)
+    return build_denoiser(cfg.teacher.preset, cfg.encode.resolution, 3, cfg.encode.num_classes,
+                          **cfg.teacher.network_overrides())
+
+
+def _teacher_artifact(root: str, net: Denoiser) -> store.Artifact:
+    """A phema-like artifact: network.json + network.safetensors, what evaluate/pairs/distill load."""
+    artifact = store.Artifact(store.join(root, "phema"))
+    save_network(artifact, "network", net)
+    return artifact
+
+
+def _forward_seconds(net: Denoiser, batch: int, iters: int) -> float:
+    """Median time of one no-grad forward at this batch, as the sampler calls it."""
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    noise, labels = seeded_noise(list(range(batch)), shape, net.num_classes, "cpu")
+    sigma = torch.full((batch,), 1.0)
+    with torch.no_grad():
+        return _median_seconds(lambda: net(noise, sigma, labels), warmup=1, iters=iters)
+
+
+class _TimedDenoiser:
+    """A denoiser that adds up the wall time spent inside the network and counts its calls."""
+
+    def __init__(self, net: Denoiser) -> None:
+        self.net, self.seconds, self.calls = net, 0.0, 0
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.net(x, sigma, labels)
+        self.seconds += time.perf_counter() - start
+        self.calls += 1
+        return out
+
+
+def _sampler_rows(steps: int, batch: int, threads: int) -> list[tuple[str, str, str]]:
+    net = _preset_network("demo").eval()
+    forward = _forward_seconds(net, batch, iters=5)
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    noise, labels = seeded_noise(list(range(batch)), shape, net.num_classes, "cpu")
+    timed = _TimedDenoiser(net)
+    start = time.perf_counter()
+    edm_sampler(timed, noise, labels, num_steps=steps)
+    sampler = time.perf_counter() - start
+    nfe = 2 * steps - 1
+    assert timed.calls == nfe, timed.calls
+    return [(f"Heun sampler ms/image, demo net 32x32x3, {steps} steps, batch {batch} (CPU, {threads} thr)",
+             f"{1e3 * sampler / batch:.1f}", ""),
+            (f"NFE x one forward ms/image, same batch ({nfe} x median of 5)", f"{1e3 * nfe * forward / batch:.1f}", ""),
+            ("sampler overhead, sampler / (NFE x forward) - 1", f"{sampler / (nfe * forward) - 1:.1%}", "<= 5%"),
+            ("same, from inside the run: time outside the network / time in it",
+             f"{(sampler - timed.seconds) / timed.seconds:.1%}", "<= 5%")]
+
+
+def _eval_rate(job: EvalJob, items: list[tuple[int, int, int]], workers: int) -> float:
+    start = time.perf_counter()
+    RayExecutor(max_in_flight=workers).map(partial(evaluate_range, job), items)
+    return sum(stop - lo for _, lo, stop in items) / (time.perf_counter() - start)
+
+
+def _eval_rows(root: str, steps: int, images: int, per_task: int, batch: int) -> list[tuple[str, str, str]]:
+    teacher = _teacher_artifact(root, _preset_network("demo"))
+    model = Model("demo teacher", teacher, "network.safetensors", None, steps)
+    job = EvalJob([model], RgbEncoder().info(), "random", batch, grid_images=0, device="cpu")
+    items = [(0, lo, min(lo + per_task, images)) for lo in range(0, images, per_task)]
+    init_ray()
+    RayExecutor(max_in_flight=2).map(partial(evaluate_range, dataclasses.replace(job, batch=1)),
+                                     [(0, 0, 1), (0, 1, 2)])  # two workers started, modules imported
+    one, two = _eval_rate(job, items, 1), _eval_rate(job, items, 2)
+    what = f"{len(items)} tasks x {per_task} images, {steps} steps, batch {batch}"
+    return [(f"evaluate images/s, 1 worker (demo net, random Inception, {what})", f"{one:.3g}", ""),
+            ("evaluate images/s, 2 workers, same", f"{two:.3g}", ""),
+            ("evaluate speed-up, 2 vs 1 worker", f"{two / one:.2f}x", ">= 1.7x")]
+
+
+def _write_snapshots(state: dict[str, torch.Tensor], count: int, root: str) -> list[str]:
+    """`count` float32 snapshots: the state plus 1% Gaussian noise each."""
+    gen = torch.Generator().manual_seed(0)
+    urls = []
+    for i in range(count):
+        snap = {k: v + 0.01 * torch.randn(v.shape, generator=gen) for k, v in state.items()}
+        urls.append(store.join(root, f"snapshot-{i:03d}.safetensors"))
+        store.write_bytes(urls[-1], weights_bytes(snap))
+    return urls
+
+
+def _phema_coefficients(num_snapshots: int, num_targets: int) -> np.ndarray:
+    """[snapshots, targets] weights as the stage solves them: snapshots at 2 sigma_rels per time."""
+    used = [{"nimg": (i // 2 + 1) << 20, "sigma_rel": (0.05, 0.10)[i % 2]} for i in range(num_snapshots)]
+    sigma_rels = tuple(float(s) for s in np.linspace(0.03, 0.2, num_targets))
+    return PH.coefficients(used, used[-1]["nimg"], sigma_rels)
+
+
+def _rss_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
+
+
+def _phema_rows(root: str, preset: str, num_snapshots: int, num_targets: int) -> list[tuple[str, str, str]]:
+    state = {k: v.float() for k, v in build_denoiser(preset, 64, 4, 1000).state_dict().items()}
+    model_bytes = sum(v.numel() * 4 for v in state.values())
+    urls = _write_snapshots(state, num_snapshots, root)
+    weights = _phema_coefficients(num_snapshots, num_targets)
+    del state
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS (Linux >= 4.0)
+    before = _rss_bytes("VmRSS")
+    start = time.perf_counter()
+    outs = reconstruct((read_weights(url) for url in urls), weights)
+    seconds = time.perf_counter() - start
+    growth = _rss_bytes("VmHWM") - before
+    assert len(outs) == num_targets
+    bound = model_bytes * (num_targets + 1)
+    what = f"{num_targets} targets from {num_snapshots} snapshots, {preset} 64x64x4 ({model_bytes / 4e6:.1f}M floats)"
+    return [(f"phema reconstruct s, {what}, read from local files", f"{seconds:.1f}", ""),
+            ("phema peak RSS growth, GB", f"{growth / 1e9:.2f}", ""),
+            ("model size x (targets + 1), GB", f"{bound / 1e9:.2f}", ""),
+            ("peak RSS growth / (model size x (targets + 1))", f"{growth / bound:.2f}", "~1 (phema.py docstring)")]
+
+
+def bench_sample(a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads)
+    rows = _sampler_rows(a.steps, a.batch, a.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += _eval_rows(f"{tmp}/eval", a.eval_steps, a.eval_images, a.eval_per_task, a.batch)
+    with tempfile.TemporaryDirectory() as tmp:
+        rows += _phema_rows(tmp, a.phema_preset, a.phema_snapshots, a.phema_targets)
+    table(rows)
+
+
+def _pairs_rate(job: P.PairsJob, workers: int) -> float:
+    num_shards = -(-job.cfg.num_pairs // job.cfg.pairs_per_shard)
+    start = time.perf_counter()
+    made = sum(RayExecutor(max_in_flight=workers).map(partial(P.make_shard, job), list(range(num_shards))))
+    return made / (time.perf_counter() - start)
+
+
+def bench_pairs(a: argparse.Namespace) -> None:
+    torch.set_num_threads(1)  # as in a Ray worker with num_cpus=1
+    net = _preset_network("demo").eval()
+    cfg = C.PairsConfig(num_pairs=a.shards * a.pairs_per_shard, num_steps=a.steps,
+                        pairs_per_shard=a.pairs_per_shard, batch=a.batch)
+    init_ray()
+    with tempfile.TemporaryDirectory() as tmp:
+        teacher = _teacher_artifact(tmp, net)
+        job = P.PairsJob(store.Artifact(f"{tmp}/warm"), teacher, "network.safetensors", "",
+                         dataclasses.replace(cfg, num_pairs=2, pairs_per_shard=1, num_steps=1), "cpu")
+        _pairs_rate(job, 2)  # two workers started, modules imported
+        one = _pairs_rate(dataclasses.replace(job, artifact=store.Artifact(f"{tmp}/one"), cfg=cfg), 1)
+        two = _pairs_rate(dataclasses.replace(job, artifact=store.Artifact(f"{tmp}/two"), cfg=cfg), 2)
+    nfe = 2 * a.steps - 1
+    bound = a.batch / (_forward_seconds(net, a.batch, iters=5) * nfe)
+    what = f"demo net, {a.shards} shards x {a.pairs_per_shard}, {a.steps} steps, batch {a.batch}"
+    table([(f"pairs/s, 1 worker ({what})", f"{one:.3g}", ""),
+           ("pairs/s, 2 workers, same", f"{two:.3g}", ""),
+           ("pairs speed-up, 2 vs 1 worker", f"{two / one:.2f}x", ">= 1.8x"),
+           (f"bound pairs/s, batch / (forward x {nfe} NFE), 1 thread", f"{bound:.3g}", ""),
+           ("pairs/s, 1 worker / bound", f"{one / bound:.2f}", ">= 0.95")])
+
+
+LOSS_KEYS = ("P_mean", "P_std", "weighting", "min_snr_gamma", "use_uncertainty")  # distill.run's teacher_loss
+
+
+def _distill_args(preset: str, root: str) -> D.DistillArgs:
+    cfg = C.load_config(preset)
+    teacher = _teacher_artifact(root, _preset_network(preset))
+    return D.DistillArgs(cfg.distill, {k: getattr(cfg.teacher, k) for k in LOSS_KEYS}, teacher,
+                         "network.safetensors", "", [], RgbEncoder().info(), store.Artifact(f"{root}/distill"), 0)
+
+
+def _pair_batches(net: Denoiser, reg_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """(noise, target, labels) as the pairs reader yields them: float16 arrays, int64 labels."""
+    shape = (reg_batch, net.img_channels, net.img_resolution, net.img_resolution)
+    batch = (torch.randn(shape).half(), (0.5 * torch.randn(shape)).half(), torch.randint(net.num_classes, (reg_batch,)))
+    return itertools.repeat(batch)
+
+
+def _backward(fn: Callable[[], torch.Tensor], *nets: torch.nn.Module) -> None:
+    for net in nets:
+        net.zero_grad(set_to_none=True)
+    fn().backward()
+
+
+def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs,
+                    iters: int) -> list[tuple[str, float]]:
+    """Each forward/backward a distill step does, timed alone: (what, median seconds)."""
+    cfg, loss, g = args.cfg, args.teacher_loss, nets.generator
+    b, r, size = cfg.batch, cfg.reg_batch, cfg.lpips_size
+    z = torch.randn(b + r, g.denoiser.img_channels, g.denoiser.img_resolution, g.denoiser.img_resolution)
+    labels = torch.randint(g.denoiser.num_classes, (b + r,))
+    with torch.no_grad():
+        x = g(z, labels)
+    sigma, noise = sample_sigma(b, loss["P_mean"], loss["P_std"], None, "cpu"), torch.randn_like(x[:b])
+    dm_sigma = D.sample_dm_sigma(b, None, "cpu")
+    pixels = x[b:].clamp(-1, 1)
+
+    def fake_loss() -> torch.Tensor:
+        return fake_score_loss(nets.fake, x[:b], labels[:b], sigma, noise, weighting=loss["weighting"],
+                               min_snr_gamma=loss["min_snr_gamma"], use_uncertainty=loss["use_uncertainty"]).loss
+
+    def no_grad_g() -> None:
+        with torch.no_grad():
+            g(z[:b], labels[:b])
+
+    passes = [(f"G forward, no grad, {b} images", no_grad_g),
+              (f"fake score forward+backward (EDM2 loss), {b} images", partial(_backward, fake_loss, nets.fake)),
+              (f"G forward+backward, {b}+{r} images", partial(_backward, lambda: g(z, labels).square().mean(), g)),
+              (f"real + fake score forwards (DM gradient), {b} images",
+               lambda: distribution_matching_loss(x[:b], labels[:b], nets.real, nets.fake, dm_sigma, noise)),
+              (f"LPIPS {cfg.lpips_net} forward+backward, {r} images at {size}px", lambda: lpips_regression_loss(
+                  lpips, pixels.clone().requires_grad_(), pixels.flip(0), size).backward())]
+    return [(name, _median_seconds(fn, warmup=1, iters=iters)) for name, fn in passes]
+
+
+def bench_distill(a: argparse.Namespace) -> None:
+    torch.set_num_threads(a.threads)
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        args = _distill_args(a.preset, tmp)
+        nets = D.build_nets(args, cpu)
+    cfg = args.cfg
+    lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained)
+    encoder, pairs = encoder_from_info(args.encoder), _pair_batches(nets.real, cfg.reg_batch)
+
+    def step() -> None:
+        for _ in range(cfg.fake_updates_per_gen):
+            D.fake_update(nets, nets.fake, args, cfg.batch, cpu)
+        D.generator_update(nets, nets.generator, pairs, encoder, lpips, args, cfg.batch, cpu)
+
+    seconds = _median_seconds(step, warmup=1, iters=a.iters)
+    passes = _distill_passes(nets, lpips, args, a.iters)
+    if cfg.fake_updates_per_gen > 1:  # fake_update runs that many times per step
+        passes[:2] = [(f"{name} (x{cfg.fake_updates_per_gen})", t * cfg.fake_updates_per_gen) for name, t in passes[:2]]
+    total = sum(t for _, t in passes)
+    pretrained = "pretrained" if cfg.lpips_pretrained else "random"
+    table([(f"distill step ms, {a.preset} preset (LPIPS {cfg.lpips_net} {pretrained}; CPU, {a.threads} thr)",
+            f"{1e3 * seconds:.0f}", ""),
+           *((f"  {name}, ms", f"{1e3 * t:.0f}", "") for name, t in passes),
+           ("sum of the passes, ms", f"{1e3 * total:.0f}", ""),
+           ("step / sum of its passes (the rest: optimiser steps, clipping, sampling noise)",
+            f"{seconds / total:.2f}", "")])
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -239,11 +509,36 @@ def main() -> None:
     train = sub.add_parser("train")
     train.add_argument("--gpu-batch", type=int, default=64, help="images per GPU pass (EDM2: 2048 over 32 GPUs)")
     train.add_argument("--peak-tflops", type=float, default=989, help="dense bf16 peak (989: H100 SXM)")
+    sample = sub.add_parser("sample")
+    sample.add_argument("--steps", type=int, default=16, help="Heun steps of the timed sampler run")
+    sample.add_argument("--batch", type=int, default=32)
+    sample.add_argument("--eval-steps", type=int, default=8, help="Heun steps in the evaluate tasks")
+    sample.add_argument("--eval-images", type=int, default=64)
+    sample.add_argument("--eval-per-task", type=int, default=16)
+    sample.add_argument("--phema-preset", default="XS", help="network whose snapshots phema combines (64x64x4)")
+    sample.add_argument("--phema-snapshots", type=int, default=16)
+    sample.add_argument("--phema-targets", type=int, default=8)
+    sample.add_argument("--threads", type=int, default=1, help="torch threads of the in-process timings")
+    pairs = sub.add_parser("pairs")
+    pairs.add_argument("--shards", type=int, default=4)
+    pairs.add_argument("--pairs-per-shard", type=int, default=32)
+    pairs.add_argument("--steps", type=int, default=8)
+    pairs.add_argument("--batch", type=int, default=32)
+    distill = sub.add_parser("distill")
+    distill.add_argument("--preset", default="ci", choices=("ci", "demo"))
+    distill.add_argument("--iters", type=int, default=5, help="timed repeats of the step and of each pass")
+    distill.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     if args.what == "encode":
         bench_encode(args.num_images, args.resolution)
     if args.what == "train":
         bench_train(args.gpu_batch, args.peak_tflops)
+    if args.what == "sample":
+        bench_sample(args)
+    if args.what == "pairs":
+        bench_pairs(args)
+    if args.what == "distill":
+        bench_distill(args)
 
 
 if __name__ == "__main__":

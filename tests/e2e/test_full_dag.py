@@ -1,8 +1,5 @@
 """The whole DAG on the ci preset on the shared local Ray instance, through the CLI entry point."""
 
-import json
-from pathlib import Path
-
 from pipeline import cli, config as C, dag, store
 
 
@@ -17,7 +14,8 @@ def test_ci_dag_runs_end_to_end_then_is_fully_cached(ray_session, tmp_path, caps
     report = st.artifact("evaluate", keys["evaluate"])
     outputs = report.manifest()["outputs"]
     assert outputs["metric"] == "FD (random-weight Inception)"
-    assert [m["sigma_rel"] for m in outputs["models"]] == [0.05, 0.1]
+    assert [(m["sigma_rel"], m["nfe"]) for m in outputs["models"]] == [(0.05, 15), (0.1, 15), (None, 1)]
+    assert outputs["models"][-1]["name"] == "student (1 step)"
     md = store.read_bytes(report.path("report.md")).decode()
     assert "RANDOM weights" in md and "Best teacher EMA length" in md
     for m in outputs["models"]:
