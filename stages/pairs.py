@@ -15,7 +15,6 @@ from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 
 from pipeline import store
 from pipeline.config import PairsConfig

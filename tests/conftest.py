@@ -5,6 +5,7 @@ Nothing here downloads: Hugging Face is offline, Ray and S3 stay on 127.0.0.1.
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -57,3 +58,14 @@ def ray_session(s3_bucket: str):
     init_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """For modules of small tensors: extra intra-op threads only add sync cost (and stall on a busy core)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -115,3 +115,22 @@ def save_random_inception(path: Path) -> str:
     torch.manual_seed(0)
     torch.jit.script(TinyInception().eval()).save(str(path))
     return str(path)
+
+
+class CountingExecutor:
+    """Inline, counting the tasks it runs (to assert that a cached rerun runs none)."""
+
+    def __init__(self) -> None:
+        from pipeline.executor import InlineExecutor
+
+        self.inner, self.calls = InlineExecutor(), 0
+
+    def check(self, resources, what):
+        self.inner.check(resources, what)
+
+    def map(self, fn, items, resources=None, desc=""):
+        self.calls += len(items)
+        return self.inner.map(fn, items)
+
+    def ddp(self, train_fn, args, job):
+        return self.inner.ddp(train_fn, args, job)

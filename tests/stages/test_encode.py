@@ -2,26 +2,16 @@
 
 import io
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from helpers import make_image_folder, make_imagenet, save_tiny_vae
+from helpers import CountingExecutor, make_image_folder, make_imagenet, save_tiny_vae
 
 from pipeline import config as C
 from pipeline import dag, store
 from pipeline.data.shards import reader
 from pipeline.executor import InlineExecutor, RayExecutor
-
-
-class CountingExecutor(InlineExecutor):
-    def __init__(self):
-        self.calls = 0
-
-    def map(self, fn, items, resources=None, desc=""):
-        self.calls += len(items)
-        return super().map(fn, items)
 
 
 def _cfg(storage: str, *overrides: str) -> C.Config:

@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline import config as C
 from pipeline import dag, store

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import save_random_inception, save_tiny_vae
+from helpers import CountingExecutor, save_random_inception, save_tiny_vae
 
 from pipeline import config as C
 from pipeline import dag, store
@@ -16,15 +16,6 @@ from pipeline.data.shards import reader
 from pipeline.executor import InlineExecutor, RayExecutor
 from pipeline.metrics.fid import InceptionFeatures, frechet_distance, load_inception
 from stages import refstats as R
-
-
-class CountingExecutor(InlineExecutor):
-    def __init__(self):
-        self.calls = 0
-
-    def map(self, fn, items, resources=None, desc=""):
-        self.calls += len(items)
-        return super().map(fn, items)
 
 
 @pytest.fixture(scope="module")

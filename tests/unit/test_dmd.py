@@ -59,13 +59,7 @@ def tiny_denoiser(num_classes: int = 4) -> Denoiser:
     return net.eval()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Small tensors: extra intra-op threads only add sync cost (and stall on a busy core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """EDM2 loss and Min-SNR-gamma weighting against hand-computed values."""
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -11,13 +10,7 @@ from pipeline.diffusion.loss import edm2_loss, edm_lambda, min_snr_weight, sampl
 from pipeline.models.edm2 import build_denoiser
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Tiny tensors: a second intra-op thread only adds sync cost (and stalls on a busy core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FakeNet(nn.Module):
