@@ -163,11 +163,14 @@ class InlineSession:
 
 def init_ray() -> None:
     """Attach to RAY_ADDRESS if set (ray job submit), else start a local instance on loopback."""
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:  # read when ray is imported, and inherited by every worker it starts
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # node IP (and gloo's) = 127.0.0.1
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
 
     if ray.is_initialized():
         return
-    address = os.environ.get("RAY_ADDRESS")
     if address:
         try:
             ray.init(address=address, logging_level=logging.WARNING)
@@ -175,13 +178,7 @@ def init_ray() -> None:
             raise ValueError(f"cannot reach the Ray cluster at RAY_ADDRESS={address!r}: {e}. "
                              "Unset RAY_ADDRESS to start a local instance, or fix the address.") from e
         return
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
-
-
-def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
-    return fn(item)
 
 
 class RayExecutor:

@@ -155,16 +155,22 @@ def _forward_backward(net: Denoiser, r: T.Round, bf16: bool) -> None:
         edm2_loss(net, r.y, r.labels, r.sigma, r.noise).loss.backward()
 
 
-def _median_seconds(fn: Callable[[], Any], warmup: int, iters: int) -> float:
-    """Median wall time of fn() after `warmup` untimed calls (CUDA work included)."""
-    times = []
-    for _ in range(warmup + iters):
+def _round_seconds(fns: list[Callable[[], Any]], warmup: int, iters: int) -> np.ndarray:
+    """Wall times [iters, len(fns)]: each round calls every fn once, so load from other jobs
+    falls on all of them alike; `warmup` untimed rounds first (CUDA work included)."""
+    times = np.zeros((warmup + iters, len(fns)))
+    for i, j in itertools.product(range(warmup + iters), range(len(fns))):
         start = time.perf_counter()
-        fn()
+        fns[j]()
         if torch.cuda.is_initialized():
             torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times[warmup:])
+        times[i, j] = time.perf_counter() - start
+    return times[warmup:]
+
+
+def _median_seconds(fn: Callable[[], Any], warmup: int, iters: int) -> float:
+    """Median wall time of fn() after `warmup` untimed calls."""
+    return float(np.median(_round_seconds([fn], warmup, iters)))
 
 
 def _step_seconds(net: Denoiser, r: T.Round, warmup: int, iters: int, bf16: bool = False) -> float:
@@ -447,9 +453,8 @@ def _backward(fn: Callable[[], torch.Tensor], *nets: torch.nn.Module) -> None:
     fn().backward()
 
 
-def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs,
-                    iters: int) -> list[tuple[str, float]]:
-    """Each forward/backward a distill step does, timed alone: (what, median seconds)."""
+def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs) -> list[tuple[str, Callable[[], Any]]]:
+    """Each forward/backward a distill step does, to be timed alone: (what, call)."""
     cfg, loss, g = args.cfg, args.teacher_loss, nets.generator
     b, r, size = cfg.batch, cfg.reg_batch, cfg.lpips_size
     z = torch.randn(b + r, g.denoiser.img_channels, g.denoiser.img_resolution, g.denoiser.img_resolution)
@@ -459,6 +464,7 @@ def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs,
     sigma, noise = sample_sigma(b, loss["P_mean"], loss["P_std"], None, "cpu"), torch.randn_like(x[:b])
     dm_sigma = D.sample_dm_sigma(b, None, "cpu")
     pixels = x[b:].clamp(-1, 1)
+    per_step = f" (x{cfg.fake_updates_per_gen} per step)" if cfg.fake_updates_per_gen > 1 else ""
 
     def fake_loss() -> torch.Tensor:
         return fake_score_loss(nets.fake, x[:b], labels[:b], sigma, noise, weighting=loss["weighting"],
@@ -468,14 +474,15 @@ def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs,
         with torch.no_grad():
             g(z[:b], labels[:b])
 
-    passes = [(f"G forward, no grad, {b} images", no_grad_g),
-              (f"fake score forward+backward (EDM2 loss), {b} images", partial(_backward, fake_loss, nets.fake)),
+    passes = [(f"G forward, no grad, {b} images{per_step}", no_grad_g),
+              (f"fake score forward+backward (EDM2 loss), {b} images{per_step}",
+               partial(_backward, fake_loss, nets.fake)),
               (f"G forward+backward, {b}+{r} images", partial(_backward, lambda: g(z, labels).square().mean(), g)),
               (f"real + fake score forwards (DM gradient), {b} images",
                lambda: distribution_matching_loss(x[:b], labels[:b], nets.real, nets.fake, dm_sigma, noise)),
               (f"LPIPS {cfg.lpips_net} forward+backward, {r} images at {size}px", lambda: lpips_regression_loss(
                   lpips, pixels.clone().requires_grad_(), pixels.flip(0), size).backward())]
-    return [(name, _median_seconds(fn, warmup=1, iters=iters)) for name, fn in passes]
+    return passes
 
 
 def bench_distill(a: argparse.Namespace) -> None:
@@ -493,18 +500,18 @@ def bench_distill(a: argparse.Namespace) -> None:
             D.fake_update(nets, nets.fake, args, cfg.batch, cpu)
         D.generator_update(nets, nets.generator, pairs, encoder, lpips, args, cfg.batch, cpu)
 
-    seconds = _median_seconds(step, warmup=1, iters=a.iters)
-    passes = _distill_passes(nets, lpips, args, a.iters)
-    if cfg.fake_updates_per_gen > 1:  # fake_update runs that many times per step
-        passes[:2] = [(f"{name} (x{cfg.fake_updates_per_gen})", t * cfg.fake_updates_per_gen) for name, t in passes[:2]]
-    total = sum(t for _, t in passes)
+    passes = _distill_passes(nets, lpips, args)
+    times = _round_seconds([step, *(fn for _, fn in passes)], warmup=1, iters=a.iters)  # [iters, 1 + passes]
+    times[:, 1:3] *= cfg.fake_updates_per_gen  # the first two passes: fake_update runs that many times
+    seconds, parts = np.median(times, axis=0)[0], np.median(times, axis=0)[1:]
+    ratio = np.median(times[:, 0] / times[:, 1:].sum(axis=1))  # per round: both under the same load
     pretrained = "pretrained" if cfg.lpips_pretrained else "random"
     table([(f"distill step ms, {a.preset} preset (LPIPS {cfg.lpips_net} {pretrained}; CPU, {a.threads} thr)",
             f"{1e3 * seconds:.0f}", ""),
-           *((f"  {name}, ms", f"{1e3 * t:.0f}", "") for name, t in passes),
-           ("sum of the passes, ms", f"{1e3 * total:.0f}", ""),
-           ("step / sum of its passes (the rest: optimiser steps, clipping, sampling noise)",
-            f"{seconds / total:.2f}", "")])
+           *((f"  {name}, ms", f"{1e3 * t:.0f}", "") for (name, _), t in zip(passes, parts)),
+           ("sum of the passes, ms", f"{1e3 * parts.sum():.0f}", ""),
+           (f"step / sum of its passes, median of {a.iters} interleaved rounds", f"{ratio:.2f}",
+            "~1 (rest: optimiser, clipping)")])
 
 
 def main() -> None:
@@ -520,7 +527,7 @@ def main() -> None:
     sample.add_argument("--steps", type=int, default=16, help="Heun steps of the timed sampler run")
     sample.add_argument("--batch", type=int, default=32)
     sample.add_argument("--eval-steps", type=int, default=8, help="Heun steps in the evaluate tasks")
-    sample.add_argument("--eval-images", type=int, default=64)
+    sample.add_argument("--eval-images", type=int, default=32)
     sample.add_argument("--eval-per-task", type=int, default=16)
     sample.add_argument("--phema-preset", default="XS", help="network whose snapshots phema combines (64x64x4)")
     sample.add_argument("--phema-snapshots", type=int, default=16)
