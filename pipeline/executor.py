@@ -181,6 +181,10 @@ def init_ray() -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=False, logging_level=logging.WARNING)
 
 
+def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
+    return fn(item)
+
+
 class RayExecutor:
     """Runs each call as a Ray task; results come back in the order of `items`."""
 
