@@ -333,7 +333,7 @@ def _eval_rows(root: str, steps: int, images: int, per_task: int, batch: int) ->
     RayExecutor(max_in_flight=2).map(partial(evaluate_range, dataclasses.replace(job, batch=1)),
                                      [(0, 0, 1), (0, 1, 2)])  # two workers started, modules imported
     (one, task_one), (two, task_two) = _eval_rate(job, items, 1), _eval_rate(job, items, 2)
-    what = f"{len(items)} tasks x {per_task} images, {steps} steps, batch {batch}"
+    what = f"{len(items)} tasks x {per_task} images, {steps} steps, batch {min(batch, per_task)}"
     return [(f"evaluate images/s, 1 worker (demo net, random Inception, {what})", f"{one:.3g}", ""),
             ("evaluate images/s, 2 workers, same", f"{two:.3g}", ""),
             ("evaluate speed-up, 2 vs 1 worker", f"{two / one:.2f}x", ">= 1.7x"),
