@@ -13,6 +13,7 @@ never from config files, and never reach a manifest or a log.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -137,6 +138,15 @@ def copy_to_local(url: str, local_dir: str) -> str:
         except OSError:  # another process finished first
             shutil.rmtree(partial, ignore_errors=True)
     return target
+
+
+def cached_copy(url: str, kind: str) -> str:
+    """A local copy of the file or folder at `url` (weights for offline clusters), made once
+    per URL under $XDG_CACHE_HOME/onestep/{kind}/."""
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    target = base / "onestep" / kind / hashlib.sha256(url.encode()).hexdigest()[:16]
+    target.mkdir(parents=True, exist_ok=True)
+    return copy_to_local(url, str(target))
 
 
 def check_writable(url: str) -> None:

@@ -8,9 +8,7 @@ normalised to zero mean and std 0.5 each time a sample is used.
 
 from __future__ import annotations
 
-import hashlib
 import os
-from pathlib import Path
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -76,20 +74,13 @@ class RgbEncoder:
                 "model_channels": self.model_channels, "downsample": self.downsample}
 
 
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "onestep" / "vae"
-
-
 def _local_vae(vae: str) -> str:
     """A hub id or local folder as is; an fsspec URL copied once into the local cache."""
     if vae.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(vae)):
         raise FileNotFoundError(f"no folder {vae}")
     if "://" not in vae:
         return os.path.expanduser(vae)
-    target = _cache_dir() / hashlib.sha256(vae.encode()).hexdigest()[:16]
-    target.mkdir(parents=True, exist_ok=True)
-    return store.copy_to_local(vae, str(target))
+    return store.cached_copy(vae, "vae")
 
 
 class VaeEncoder:

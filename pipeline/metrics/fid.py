@@ -8,14 +8,12 @@ of the TF-slim weights) as clean-fid's InceptionV3W calls it: 2048-d pool featur
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import platform
 import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -218,11 +216,8 @@ def _local_file(weights: str) -> str:
         if not os.path.isfile(path):
             raise _weights_error(weights, f"no file {path}")
         return path
-    target = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "onestep" / "inception"
-    target = target / hashlib.sha256(weights.encode()).hexdigest()[:16]
-    target.mkdir(parents=True, exist_ok=True)
     try:
-        return store.copy_to_local(weights, str(target))
+        return store.cached_copy(weights, "inception")
     except Exception as e:  # missing object, no credentials, unknown protocol
         raise _weights_error(weights, f"cannot copy it ({type(e).__name__}: {e})") from e
 
