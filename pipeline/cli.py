@@ -1,10 +1,11 @@
-"""`onestep run | status | show`: the command line, also behind `workflows/full.py`.
+"""`onestep run | status | show | sample | runtime-env`: the command line, also behind `workflows/full.py`.
 
     onestep run                          # the demo preset into ./artifacts
     onestep run --config ci --storage /tmp/os --set encode.num_images=200 --dry-run
     onestep status --config ci --storage /tmp/os
     onestep show encode --config ci --storage /tmp/os
     onestep sample --model student --num 16 --out grid.png --config ci --storage /tmp/os
+    onestep runtime-env --env AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY   # for ray job submit
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from pipeline import config as C
@@ -51,7 +53,29 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--seeds", default=None, metavar="A-B", help="seed range, inclusive (overrides --num)")
     sample.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, cycled over the seeds")
     sample.add_argument("--out", required=True, help="a .png for one grid, or a folder for one PNG per seed")
+    renv = sub.add_parser("runtime-env", help="print a runtime_env JSON for `ray job submit --runtime-env-json`")
+    renv.add_argument("--file", default="infra/runtime_env.yaml", help="the runtime_env YAML to start from")
+    renv.add_argument("--env", nargs="+", default=[], metavar="VAR",
+                      help="variables of this shell to pass to the job, e.g. AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY")
     return p
+
+
+def cmd_runtime_env(args: argparse.Namespace) -> int:
+    """The file's runtime_env plus the named variables' values from this shell: credentials reach
+    the job's environment without being written into any file."""
+    import yaml
+
+    try:
+        with open(args.file) as f:
+            runtime_env = yaml.safe_load(f) or {}
+    except OSError as e:
+        raise ValueError(f"cannot read --file {args.file}: {e.strerror}; run from the repository root") from None
+    missing = [name for name in args.env if name not in os.environ]
+    if missing:
+        raise ValueError(f"--env {' '.join(missing)}: not set in this shell; export it, or leave it out")
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **{name: os.environ[name] for name in args.env}}
+    print(json.dumps(runtime_env))
+    return 0
 
 
 def parse_seeds(text: str | None, num: int) -> list[int]:
@@ -72,6 +96,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from stages.evaluate import grid_png, sample_model
 
     cfg = load(args)
+    store.check_storage(cfg.storage)
     seeds = parse_seeds(args.seeds, args.num)
     classes = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(len(seeds))]
     images = sample_model(cfg, args.model, seeds, args.steps, classes)
@@ -110,6 +135,7 @@ def format_plan(plan: dag.Plan) -> str:
 def status_table(cfg: C.Config) -> str:
     nodes = dag.graph()
     st = store.Store(cfg.storage)
+    store.check_storage(st.root)
     keys = dag.cache_keys(nodes, cfg)
     lines = [f"storage: {store.redact(st.root)}",
              f"{'stage':<10} {'key':<16}  {'state':<8} {'size':>10} {'wall time':>10}"]
@@ -138,6 +164,7 @@ def cmd_show(args: argparse.Namespace) -> int:
     if args.stage not in nodes:
         raise ValueError(f"unknown stage {args.stage}; stages: {', '.join(nodes)}")
     key = dag.cache_keys(nodes, cfg)[args.stage]
+    store.check_storage(cfg.storage)
     manifest = store.Store(cfg.storage).artifact(args.stage, key).manifest()
     if manifest is None:
         raise ValueError(f"no {args.stage} artifact (key {key}) in {store.redact(cfg.storage)}: "
@@ -154,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "sample":
             return cmd_sample(args)
+        if args.command == "runtime-env":
+            return cmd_runtime_env(args)
         if args.command == "status":
             print(status_table(load(args)))
             return 0

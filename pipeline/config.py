@@ -246,6 +246,7 @@ class Config:
 
     preset: str = "demo"
     storage: str = "./artifacts"
+    shared_storage: bool = False  # a local storage path that every node mounts (NFS, Lustre)
     executor: str = "ray"  # ray | inline (same calls in-process, for debugging)
     seed: int = 0
     max_in_flight: int = throughput(64)  # Ray tasks submitted at once per map

@@ -193,6 +193,7 @@ def run(cfg: C.Config, only: list[str] = (), force: list[str] = (), until: str |
     """Compute the missing (or forced) artifacts of the selected stages, in order."""
     nodes = nodes or graph()
     st = store.Store(cfg.storage)
+    store.check_storage(st.root)  # before anything reads it: a bad URL fails in seconds, naming the fix
     plan = make_plan(nodes, cfg, st, only, force, until)
     if dry_run or not plan.to_run:
         return plan
@@ -200,6 +201,8 @@ def run(cfg: C.Config, only: list[str] = (), force: list[str] = (), until: str |
     if executor is None:
         check_executor_storage(cfg.executor, st.root)
         executor = make_executor(cfg.executor, cfg.max_in_flight)
+    check_cluster_storage(executor.num_nodes(), st.root, cfg.shared_storage)
+    check_resources(executor, [nodes[name] for name in plan.to_run], cfg)
     for name in plan.forced:
         st.artifact(name, plan.keys[name]).delete()
     for name in plan.to_run:
@@ -211,3 +214,23 @@ def check_executor_storage(executor: str, root: str) -> None:
     if executor == "ray" and store.protocol(root) == "memory":
         raise ValueError("memory:// storage lives inside one process, so Ray workers cannot see it: "
                          "use --set executor=inline, or a local path / s3:// URL as --storage")
+
+
+def check_cluster_storage(num_nodes: int, root: str, shared: bool) -> None:
+    """Tasks on other nodes must see the storage: refuse a local path on a multi-node cluster."""
+    if num_nodes > 1 and store.protocol(root) == "file" and not shared:
+        raise ValueError(
+            f"storage {root} is a local path but the Ray cluster has {num_nodes} nodes, whose tasks "
+            "would not see each other's files: use object storage (--storage s3://BUCKET/PATH or "
+            "gs://...), or, if every node mounts this path (NFS, Lustre), --set shared_storage=true"
+        )
+
+
+def check_resources(executor: Executor, to_run: list[Node], cfg: C.Config) -> None:
+    """Before any stage starts: every stage's tasks and training workers fit the cluster."""
+    for node in to_run:
+        section, what = node.config(cfg), node.section or node.name
+        if hasattr(section, "num_cpus"):  # a map stage
+            executor.check(Resources(section.num_cpus, getattr(section, "num_gpus", 0.0)), what)
+        if hasattr(section, "num_workers"):  # a DDP stage
+            executor.check_ddp(DDPJob(what, "", section.num_workers, section.use_gpu, 0))

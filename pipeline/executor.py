@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -69,7 +70,11 @@ class TrainSession(Protocol):
 
 
 class Executor(Protocol):
-    def check(self, resources: Resources, what: str) -> None: ...
+    def num_nodes(self) -> int: ...  # machines the tasks may run on
+
+    def check(self, resources: Resources, what: str) -> None: ...  # per map task
+
+    def check_ddp(self, job: DDPJob) -> None: ...  # the whole training job
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any],
             resources: Resources = Resources(), desc: str = "") -> list[Any]: ...
@@ -95,6 +100,9 @@ def _check_ddp(job: DDPJob, cpus: float, gpus: float) -> None:
 class InlineExecutor:
     """Runs every call in this process, in order."""
 
+    def num_nodes(self) -> int:
+        return 1
+
     def check(self, resources: Resources, what: str) -> None:
         import torch
 
@@ -106,13 +114,16 @@ class InlineExecutor:
             resources: Resources = Resources(), desc: str = "") -> list[Any]:
         return [fn(item) for item in tqdm(items, desc=desc, disable=not items)]
 
-    def ddp(self, train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]:
+    def check_ddp(self, job: DDPJob) -> None:
         if job.num_workers != 1:
             raise ValueError(f"executor=inline runs one training worker: set {job.name}.num_workers=1, "
                              "or use the ray executor")
         import torch
 
         _check_ddp(job, float(os.cpu_count() or 1), float(torch.cuda.device_count()))
+
+    def ddp(self, train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]:
+        self.check_ddp(job)
         session = InlineSession(job)
         train_fn(session, args)
         return session.last_metrics
@@ -172,9 +183,12 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     if address:
+        host, _, port = address.rpartition(":")
         try:
+            if "://" not in address and port.isdigit():  # ray.init retries an unreachable GCS for minutes
+                socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
             ray.init(address=address, logging_level=logging.WARNING)
-        except Exception as e:  # ConnectionError, or a timeout while reaching the GCS
+        except Exception as e:  # refused, unknown host, or a timeout while reaching the GCS
             raise ValueError(f"cannot reach the Ray cluster at RAY_ADDRESS={address!r}: {e}. "
                              "Unset RAY_ADDRESS to start a local instance, or fix the address.") from e
         return
@@ -192,6 +206,11 @@ class RayExecutor:
         init_ray()
         self.max_in_flight = max_in_flight
         self.max_retries = max_retries
+
+    def num_nodes(self) -> int:
+        import ray
+
+        return sum(node["Alive"] for node in ray.nodes())
 
     def check(self, resources: Resources, what: str) -> None:
         import ray
@@ -231,12 +250,17 @@ class RayExecutor:
                     ray.cancel(ref)
                 raise
 
-    def ddp(self, train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]:
+    def check_ddp(self, job: DDPJob) -> None:
         import ray
 
         total = ray.cluster_resources()
-        cpus, gpus = total.get("CPU", 0.0), total.get("GPU", 0.0)
-        _check_ddp(job, cpus, gpus)
+        _check_ddp(job, total.get("CPU", 0.0), total.get("GPU", 0.0))
+
+    def ddp(self, train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]:
+        import ray
+
+        self.check_ddp(job)
+        cpus = ray.cluster_resources().get("CPU", 0.0)
         # CPU training: the workers share the cluster's cores (Ray sets each one's thread count).
         return _ray_ddp(train_fn, args, job, 1.0 if job.use_gpu else float(max(1, int(cpus // job.num_workers))))
 

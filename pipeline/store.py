@@ -149,18 +149,78 @@ def cached_copy(url: str, kind: str) -> str:
     return copy_to_local(url, str(target))
 
 
-def check_writable(url: str) -> None:
-    """Fail fast, naming the URL and the fix, when the storage cannot be written."""
-    probe = join(url, "_onestep_write_probe")
+# Probes: a filesystem of their own, short timeouts and one attempt, so that a wrong endpoint fails
+# in seconds (botocore and s3fs retry for minutes); stages keep the patient default filesystem.
+PROBE_TIMEOUT_S = 5
+_CREDENTIALS = {
+    "s3": "Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), "
+          "or run where an instance role provides them",
+    "gs": "Set GOOGLE_APPLICATION_CREDENTIALS, or run `gcloud auth application-default login`",
+}
+
+
+def _probe_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    options: dict[str, Any] = {}
+    if protocol(url) in ("s3", "s3a"):
+        user = fsspec.config.conf.get("s3", {}).get("config_kwargs", {})  # e.g. addressing_style
+        options["config_kwargs"] = {**user, "connect_timeout": PROBE_TIMEOUT_S,
+                                    "read_timeout": PROBE_TIMEOUT_S, "retries": {"total_max_attempts": 1}}
+    fs, path = url_to_fs(url, skip_instance_cache=True, **options)
+    if hasattr(fs, "retries"):  # s3fs's and gcsfs's own retry loop, around the client's
+        fs.retries = 1
+    return fs, path
+
+
+def _storage_error(url: str, doing: str, fs: fsspec.AbstractFileSystem, path: str, e: Exception) -> ValueError:
+    """A failed probe of `url` as a one-line error: what is wrong, and the fix."""
+    proto = protocol(url)
+    what = f"cannot {doing} storage {redact(url)}"
+    kinds = {c.__name__ for c in type(e).__mro__}  # botocore's classes, without importing it
+    if kinds & {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"}:
+        return ValueError(f"{what}: no credentials. {_CREDENTIALS.get(proto, 'Set them in the environment')}.")
+    if isinstance(e, PermissionError):
+        return ValueError(f"{what}: access denied ({e}). Grant these credentials read and write access "
+                          "to it, or choose another --storage.")
+    if proto == "file":
+        return ValueError(f"{what}: {type(e).__name__}: {e}. Choose a folder you can write as --storage.")
+    if isinstance(e, FileNotFoundError):
+        bucket = path.split("/")[0]
+        return ValueError(f"{what}: the bucket {bucket} does not exist. Create it, or fix --storage; "
+                          "if the bucket exists, check that FSSPEC_S3_ENDPOINT_URL names its endpoint.")
+    if kinds & {"ConnectionError", "TimeoutError", "HTTPClientError", "ClientConnectionError"}:
+        endpoint = redact(getattr(fs, "endpoint_url", None) or f"the default {proto} endpoint")
+        return ValueError(f"{what}: no connection to {endpoint} ({type(e).__name__}). Check the URL "
+                          "(--storage), FSSPEC_S3_ENDPOINT_URL and the network.")
+    return ValueError(f"{what}: {type(e).__name__}: {e}. Check the URL (--storage), that the bucket exists, "
+                      "and the credentials in the environment.")
+
+
+def check_storage(url: str) -> None:
+    """Fail within seconds, naming the URL and the fix, when the storage cannot be read: an
+    unreachable endpoint, no credentials, no such bucket, access denied. Writes nothing."""
+    fs, path = _probe_fs(url)
     try:
-        write_bytes(probe, b"ok")
-        remove(probe)
-    except Exception as e:  # any backend error: permissions, unknown bucket, no credentials
-        raise ValueError(
-            f"cannot write to storage {redact(url)}: {type(e).__name__}: {e}. "
-            "Check the URL (--storage), that the bucket exists, and that credentials "
-            "are set in the environment (e.g. AWS_ACCESS_KEY_ID / GOOGLE_APPLICATION_CREDENTIALS)."
-        ) from e
+        try:
+            fs.ls(path)
+        except FileNotFoundError:  # no root folder yet, or no bucket: only the second fails this
+            fs.find(path)
+    except Exception as e:
+        raise _storage_error(url, "read", fs, path, e) from e
+
+
+def check_writable(url: str) -> None:
+    """Fail within seconds, naming the URL and the fix, when the storage cannot be written:
+    writes and removes a probe file (folders are made for local paths only: on S3 it would
+    create the bucket)."""
+    fs, path = _probe_fs(url)
+    probe = join(path, "_onestep_write_probe")
+    try:
+        if protocol(url) == "file":
+            fs.makedirs(path, exist_ok=True)
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except Exception as e:
+        raise _storage_error(url, "write to", fs, path, e) from e
 
 
 def pyarrow_filesystem(url: str) -> tuple[Any, str]:

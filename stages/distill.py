@@ -92,15 +92,21 @@ def _latents(batch: int, net: Denoiser, device: torch.device) -> tuple[torch.Ten
     return z, labels
 
 
+def _bf16(device: torch.device) -> torch.autocast:
+    """Mixed precision on GPUs, as the teacher: bf16 matmuls and convolutions, fp32 weights and losses."""
+    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
+
+
 def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batch: int, device: torch.device) -> float:
     """One fake-score step on G's detached outputs with the teacher's denoising loss."""
     z, labels = _latents(batch, nets.real, device)
-    with torch.no_grad():
-        x = nets.generator(z, labels)
     loss_cfg = args.teacher_loss
-    sigma = sample_sigma(batch, loss_cfg["P_mean"], loss_cfg["P_std"], None, device)
-    out = fake_score_loss(fake_model, x, labels, sigma, torch.randn_like(x), weighting=loss_cfg["weighting"],
-                          min_snr_gamma=loss_cfg["min_snr_gamma"], use_uncertainty=loss_cfg["use_uncertainty"])
+    with _bf16(device):
+        with torch.no_grad():
+            x = nets.generator(z, labels).float()
+        sigma = sample_sigma(batch, loss_cfg["P_mean"], loss_cfg["P_std"], None, device)
+        out = fake_score_loss(fake_model, x, labels, sigma, torch.randn_like(x), weighting=loss_cfg["weighting"],
+                              min_snr_gamma=loss_cfg["min_snr_gamma"], use_uncertainty=loss_cfg["use_uncertainty"])
     _step(nets.opt_f, out.loss, list(nets.fake.parameters()), args.cfg.grad_clip)
     return out.loss.item()
 
@@ -113,12 +119,14 @@ def generator_update(nets: Nets, gen_model: torch.nn.Module, pairs: Iterator, en
     pz, py, plabels = (t.to(device) for t in next(pairs))
     plabels = plabels if nets.real.num_classes else None
     all_labels = None if labels is None else torch.cat([labels, plabels])
-    x_all = gen_model(torch.cat([z, pz.float()]), all_labels)  # one DDP forward for both losses
-    x, x_pairs = x_all[:batch], x_all[batch:]
-    sigma = sample_dm_sigma(batch, None, device)
-    loss_dm, info = distribution_matching_loss(x, labels, nets.real, nets.fake, sigma, torch.randn_like(x),
-                                               guidance=cfg.guidance, guide=nets.guide)
-    loss_reg = lpips_regression_loss(lpips, encoder.to_pixels(x_pairs), encoder.to_pixels(py.float()), cfg.lpips_size)
+    with _bf16(device):
+        x_all = gen_model(torch.cat([z, pz.float()]), all_labels).float()  # one DDP forward for both losses
+        x, x_pairs = x_all[:batch], x_all[batch:]
+        sigma = sample_dm_sigma(batch, None, device)
+        loss_dm, info = distribution_matching_loss(x, labels, nets.real, nets.fake, sigma, torch.randn_like(x),
+                                                   guidance=cfg.guidance, guide=nets.guide)
+        loss_reg = lpips_regression_loss(lpips, encoder.to_pixels(x_pairs), encoder.to_pixels(py.float()),
+                                         cfg.lpips_size)
     loss = loss_dm + cfg.lambda_reg * loss_reg
     params = [p for p in nets.generator.parameters() if p.requires_grad]
     norm = _step(nets.opt_g, loss, params, cfg.grad_clip)

@@ -157,8 +157,10 @@ def _report_md(rows: list[dict[str, Any]], metric: str, best: dict[str, Any], no
              f"| model | sigma_rel | steps | NFE | {metric} | time (s) |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {_sigma(r)} | {r['steps']} | {r['nfe']} | {r['fd']:.3f} | {r['seconds']:.1f} |"
               for r in rows]
-    lines += ["", f"Best teacher EMA length: **sigma_rel = {best['sigma_rel']:.3f}** ({metric} {best['fd']:.3f}).",
-              "", f"![{metric} against sigma_rel](fd_vs_sigma_rel.png)", "",
+    lines += ["", f"Best teacher EMA length: **sigma_rel = {best['sigma_rel']:.3f}** ({metric} {best['fd']:.3f})."]
+    lines += [f"The one-step student's {metric} is **{r['fd'] / best['fd']:.2f}x** the best teacher's "
+              f"({r['nfe']} vs {best['nfe']} network evaluations)." for r in rows if r["sigma_rel"] is None]
+    lines += ["", f"![{metric} against sigma_rel](fd_vs_sigma_rel.png)", "",
               "## Samples (the same seeds for every model)", ""]
     lines += [f"### {r['name']}\n\n![{r['name']}]({r['grid']})\n" for r in rows]
     return "\n".join(lines)
@@ -211,7 +213,9 @@ def run(ctx: StageContext, cfg: EvalConfig, inputs: dict[str, Artifact]) -> dict
         f.write(_report_md(rows, metric, best, note).encode())
     with ctx.artifact.open("report.html", "wb") as f:
         f.write(_report_html(rows, metric, best, note).encode())
-    return {"metric": metric, "models": rows, "best_sigma_rel": best["sigma_rel"], "num_images": cfg.num_images}
+    student = rows[-1]
+    return {"metric": metric, "models": rows, "best_sigma_rel": best["sigma_rel"], "num_images": cfg.num_images,
+            "student_fd_over_best_teacher": round(student["fd"] / best["fd"], 4)}
 
 
 def _score(artifact: Artifact, index: int, model: Model, results: list[dict[str, Any]],
@@ -224,7 +228,7 @@ def _score(artifact: Artifact, index: int, model: Model, results: list[dict[str,
     with artifact.open(grid_file, "wb") as f:
         f.write(grid_png([img for r in results for img in r["grid"]]))
     fd = frechet_distance(stats.mean(), stats.cov(), ref_mu, ref_sigma)
-    return {"name": model.name, "sigma_rel": model.sigma_rel, "steps": model.num_steps, "nfe": model.nfe,
+    return {"name": model.name, "sigma_rel": model.sigma_rel, "steps": model.num_steps or 1, "nfe": model.nfe,
             "fd": float(fd), "seconds": round(sum(r["seconds"] for r in results), 2), "grid": grid_file,
             "count": int(stats.count)}
 

@@ -9,6 +9,18 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from pipeline.executor import InlineExecutor, Resources
+
+# A ci-preset run small enough for the pairs stage's tests: a 16-channel teacher trained on
+# 32 images, two phema variants, 12 pairs of 4 Heun steps from seeds 100..111.
+PAIRS_TINY = [
+    "encode.num_images=32", "encode.shard_size=32", "teacher.channels=16", "teacher.batch=4",
+    "teacher.snapshot_nimg=8", "teacher.checkpoint_nimg=16", "teacher.duration_nimg=32",
+    "teacher.log_nimg=8", "teacher.lr_rampup_nimg=0", "teacher.shuffle_buffer=32",
+    "phema.sigma_rels=[0.05,0.1]", "pairs.sigma_rel=0.1", "pairs.num_pairs=12", "pairs.num_steps=4",
+    "pairs.batch=5", "pairs.seed=100",
+]
+
 # (extension, PIL format, mode) cycled over the files of a class folder.
 _FORMATS = (
     (".jpg", "JPEG", "RGB"),
@@ -117,20 +129,12 @@ def save_random_inception(path: Path) -> str:
     return str(path)
 
 
-class CountingExecutor:
+class CountingExecutor(InlineExecutor):
     """Inline, counting the tasks it runs (to assert that a cached rerun runs none)."""
 
     def __init__(self) -> None:
-        from pipeline.executor import InlineExecutor
+        self.calls = 0
 
-        self.inner, self.calls = InlineExecutor(), 0
-
-    def check(self, resources, what):
-        self.inner.check(resources, what)
-
-    def map(self, fn, items, resources=None, desc=""):
+    def map(self, fn, items, resources=Resources(), desc=""):
         self.calls += len(items)
-        return self.inner.map(fn, items)
-
-    def ddp(self, train_fn, args, job):
-        return self.inner.ddp(train_fn, args, job)
+        return super().map(fn, items, resources, desc)

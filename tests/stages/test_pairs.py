@@ -13,15 +13,11 @@ from pipeline.executor import InlineExecutor, RayExecutor
 from pipeline.training import load_network
 from stages.pairs import read_pairs
 
-TINY = ["encode.num_images=32", "encode.shard_size=32", "teacher.channels=16", "teacher.batch=4",
-        "teacher.snapshot_nimg=8", "teacher.checkpoint_nimg=16", "teacher.duration_nimg=32",
-        "teacher.log_nimg=8", "teacher.lr_rampup_nimg=0", "teacher.shuffle_buffer=32",
-        "phema.sigma_rels=[0.05,0.1]", "pairs.sigma_rel=0.1", "pairs.num_pairs=12", "pairs.num_steps=4",
-        "pairs.batch=5", "pairs.seed=100"]
+from helpers import PAIRS_TINY
 
 
 def _cfg(storage: str, *extra: str) -> C.Config:
-    return C.load_config("ci", [*TINY, *extra], storage=storage)
+    return C.load_config("ci", [*PAIRS_TINY, *extra], storage=storage)
 
 
 def _artifact(cfg: C.Config, stage: str) -> store.Artifact:

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from pipeline import config as C
 from pipeline import dag, store
 from pipeline.config import throughput
 from pipeline.executor import InlineExecutor
@@ -21,6 +22,7 @@ class FakeConfig:
     seed: int = 0
     executor: str = "inline"
     max_in_flight: int = 4
+    shared_storage: bool = False
     a: Section = field(default_factory=Section)
     b: Section = field(default_factory=Section)
     c: Section = field(default_factory=Section)
@@ -117,3 +119,21 @@ def test_manifest_records_config_upstream_and_outputs(env):
 def test_ray_executor_refuses_memory_storage():
     with pytest.raises(ValueError, match="executor=inline"):
         dag.check_executor_storage("ray", "memory://x")
+
+def test_local_storage_is_refused_on_a_multi_node_cluster():
+    with pytest.raises(ValueError, match=r"storage /data/run is a local path but the Ray cluster has 3 nodes.*s3://"):
+        dag.check_cluster_storage(3, "/data/run", shared=False)
+    dag.check_cluster_storage(3, "/mnt/nfs/run", shared=True)  # the user says every node mounts it
+    dag.check_cluster_storage(3, "s3://bucket/run", shared=False)
+    dag.check_cluster_storage(1, "/data/run", shared=False)
+
+@pytest.mark.parametrize("setting, message", [
+    ("distill.use_gpu=true", r"distill.use_gpu with 1 worker\(s\) needs 1 GPU"),
+    ("pairs.num_gpus=1", r"pairs asks for 1 GPU\(s\) per task"),
+    ("teacher.num_workers=2", "executor=inline runs one training worker"),
+])
+def test_every_stage_is_checked_against_the_cluster_before_the_first_starts(setting, message):
+    cfg = C.load_config("ci", [setting], storage=f"memory://dag-{uuid.uuid4().hex}")
+    with pytest.raises(ValueError, match=message):
+        dag.run(cfg, executor=InlineExecutor())
+    assert store.walk_files(cfg.storage) == []  # not even encode ran

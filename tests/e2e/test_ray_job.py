@@ -1,0 +1,109 @@
+"""`ray job submit` of the ci preset to a head node started from this venv, as a user would:
+artifacts on the moto S3 server, credentials passed from the environment at submit time
+(`onestep runtime-env`), never written into a file. Then a rerun from here is fully cached."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pipeline import config as C
+from pipeline import dag, store
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent  # `ray` and `onestep` of this venv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def head_node():
+    """`ray start --head --block` on 127.0.0.1 in its own temp dir and process group; the jobs'
+    `python` is this venv's (first on the PATH of `ray start`). Yields the dashboard address."""
+    from ray.job_submission import JobSubmissionClient
+
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
+    dashboard = f"http://127.0.0.1:{_free_port()}"
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "disabled"}
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+         "--num-cpus=2", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+         f"--dashboard-port={dashboard.rsplit(':', 1)[1]}", f"--temp-dir={temp}", "--disable-usage-stats",
+         # ports of their own: the session's Ray instance (and a user's) hold the default ones
+         *(f"--{name}-port={_free_port()}" for name in ("dashboard-agent-listen", "dashboard-agent-grpc",
+                                                        "runtime-env-agent", "metrics-export", "ray-client-server"))],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                JobSubmissionClient(dashboard).list_jobs()
+                break
+            except Exception:
+                if head.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the Ray head node did not come up (exit code {head.poll()})")
+                time.sleep(1)
+        yield dashboard, env
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        subprocess.run(["pkill", "-KILL", "-g", str(head.pid)], check=False)  # stragglers of the group
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_ray_job_submit_runs_the_ci_dag_on_s3(head_node, s3_bucket):
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    dashboard, env = head_node
+    storage = f"{s3_bucket}/job-{uuid.uuid4().hex[:8]}"
+    runtime_env = subprocess.run(
+        [str(BIN / "onestep"), "runtime-env", "--env", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+         "FSSPEC_S3_ENDPOINT_URL"], cwd=REPO, env=env, check=True, capture_output=True, text=True,
+    ).stdout
+    assert json.loads(runtime_env)["working_dir"] == "."
+    job_id = f"onestep-ci-{uuid.uuid4().hex[:8]}"
+    for attempt in range(30):  # the head's job agent comes up a little after its dashboard
+        submit = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", job_id, "--no-wait",
+             "--runtime-env-json", runtime_env, "--", "python", "workflows/full.py", "--config", "ci",
+             "--storage", storage],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )
+        if "No available agent" not in submit.stderr:
+            break
+        time.sleep(2)
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    client = JobSubmissionClient(dashboard)
+    deadline = time.monotonic() + 800
+    while (status := client.get_job_status(job_id)) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+        assert time.monotonic() < deadline, "the job did not finish in time:\n" + client.get_job_logs(job_id)[-3000:]
+        time.sleep(2)
+    logs = client.get_job_logs(job_id)
+    assert status == JobStatus.SUCCEEDED, logs[-5000:]
+    assert os.environ["AWS_SECRET_ACCESS_KEY"] not in logs  # credentials never reach a log
+
+    cfg = C.load_config("ci", storage=storage)
+    keys = dag.cache_keys(dag.graph(), cfg)
+    st = store.Store(storage)
+    for stage, key in keys.items():
+        assert st.artifact(stage, key).state() == "done", stage
+    checkpoints = store.walk_files(st.artifact("teacher", keys["teacher"]).path("checkpoints"))
+    assert any(url.endswith(".safetensors") or "checkpoint" in url for url in checkpoints)  # Ray Train's, on S3
+    assert dag.run(cfg, executor=None, dry_run=True).to_run == []  # a rerun is fully cached
