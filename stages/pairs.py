@@ -52,9 +52,14 @@ def _load(job: PairsJob) -> tuple[Denoiser, Denoiser | None]:
 
 
 def _pairs(job: PairsJob, net: Denoiser, guide: Denoiser | None, first: int, stop: int) -> Iterator[dict[str, Any]]:
+    """Batches end at multiples of `batch` in the global index, so that when pairs_per_shard is a
+    multiple of it, every pair is computed in the same batch (bit for bit) whatever the shard layout."""
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    for lo in range(first, stop, job.cfg.batch):
-        seeds = list(range(job.cfg.seed + lo, job.cfg.seed + min(lo + job.cfg.batch, stop)))
+    batch, lo = job.cfg.batch, first
+    while lo < stop:
+        hi = min((lo // batch + 1) * batch, stop)
+        seeds = list(range(job.cfg.seed + lo, job.cfg.seed + hi))
+        lo = hi
         noise, labels = seeded_noise(seeds, shape, net.num_classes, job.device)
         target = edm_sampler(net, noise, labels, num_steps=job.cfg.num_steps, guidance=job.cfg.guidance, guide=guide)
         for i, seed in enumerate(seeds):

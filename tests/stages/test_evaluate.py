@@ -30,7 +30,7 @@ def test_evaluate_reports_every_model_with_an_inception_loaded_by_path(tmp_path)
     assert out["metric"] == "FID" and out["num_images"] == 12
     rows = out["models"]
     assert [(r["sigma_rel"], r["steps"], r["nfe"], r["count"]) for r in rows] == [
-        (0.05, 3, 5, 12), (0.1, 3, 5, 12), (None, 0, 1, 12)]
+        (0.05, 3, 5, 12), (0.1, 3, 5, 12), (None, 1, 1, 12)]
     assert out["best_sigma_rel"] == min(rows[:2], key=lambda r: r["fd"])["sigma_rel"]
     assert art.read_json("results.json") == rows
     md = store.read_bytes(art.path("report.md")).decode()

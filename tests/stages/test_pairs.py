@@ -44,8 +44,8 @@ def _all_pairs(cfg: C.Config):
 
 
 def test_pairs_are_the_same_with_1_or_3_tasks_and_match_the_sampler(ray_session, storage):
-    one = _cfg(storage, "pairs.pairs_per_shard=12")
-    three = _cfg(storage, "pairs.pairs_per_shard=4")
+    one = _cfg(storage, "pairs.pairs_per_shard=12", "pairs.batch=4")  # the same batches in both layouts
+    three = _cfg(storage, "pairs.pairs_per_shard=4", "pairs.batch=4")
     dag.run(one, until="pairs", executor=InlineExecutor())
     dag.run(three, until="pairs", executor=RayExecutor())
     a, b = _all_pairs(one), _all_pairs(three)
