@@ -134,11 +134,12 @@ class RefstatsConfig:
     inception_weights: str = "clean-fid"
     num_images: int = 0  # 0: every sample of the dataset
     batch: int = throughput(64)
+    images_per_task: int = throughput(1000)  # a task takes a range of at most this many samples of one shard
     num_cpus: float = throughput(1.0)
     num_gpus: float = throughput(0.0)
 
     def __post_init__(self) -> None:
-        _check_positive("refstats", batch=self.batch)
+        _check_positive("refstats", batch=self.batch, images_per_task=self.images_per_task)
         if self.num_images < 0:
             raise ValueError("refstats.num_images must be >= 0 (0 = the whole dataset)")
 

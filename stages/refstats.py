@@ -52,18 +52,21 @@ def decode_images(encoder: Encoder, stored: torch.Tensor, seeds: list[int]) -> n
     return encoder.decode(x)
 
 
-def shard_stats(job: ShardJob, item: tuple[str, int, int]) -> dict[str, np.ndarray]:
-    """Feature sums (FeatureStats.to_dict) of the first `limit` samples of one shard."""
-    url, shard, limit = item
+def shard_stats(job: ShardJob, item: tuple[str, int, int, int]) -> dict[str, np.ndarray]:
+    """Feature sums (FeatureStats.to_dict) of samples [start, stop) of one shard."""
+    url, shard, start, stop = item
     encoder = encoder_from_info(job.encoder, job.device)
     inception = load_inception(job.inception_weights, job.device)
     stats = FeatureStats(inception.dim)
+    seen = 0  # samples of the shard read so far
     for stored, _ in reader([url], job.batch):
-        if stats.count >= limit:
+        lo, hi = max(start - seen, 0), min(stop - seen, len(stored))
+        if lo < hi:
+            seeds = [mix_seed(job.seed, shard, seen + i) for i in range(lo, hi)]
+            stats.add(inception.features(decode_images(encoder, stored[lo:hi], seeds)))
+        seen += len(stored)
+        if seen >= stop:
             break
-        stored = stored[: limit - stats.count]
-        seeds = [mix_seed(job.seed, shard, stats.count + i) for i in range(len(stored))]
-        stats.add(inception.features(decode_images(encoder, stored, seeds)))
     return stats.to_dict()
 
 
@@ -83,8 +86,8 @@ def _shard_counts(encode: Artifact, num_shards: int) -> list[int]:
     return np.bincount(shards, minlength=num_shards).tolist()
 
 
-def _shard_items(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact) -> list[tuple[str, int, int]]:
-    """(shard URL, shard index, samples to use) for every shard that contributes."""
+def _shard_items(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact) -> list[tuple[str, int, int, int]]:
+    """(shard URL, shard index, start, stop): ranges of at most `images_per_task` samples."""
     shards = encode.manifest()["outputs"]["shards"]
     counts = _shard_counts(encode, len(shards))
     limits = shard_limits(counts, cfg.num_images)
@@ -93,15 +96,17 @@ def _shard_items(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact) -> li
                          "raise refstats.num_images (0 = all) or encode more images")
     if cfg.num_images > sum(counts):
         ctx.log.warning("refstats: num_images=%d but the dataset has %d: using all", cfg.num_images, sum(counts))
-    return [(encode.path(name), s, n) for s, (name, n) in enumerate(zip(shards, limits)) if n > 0]
+    step = cfg.images_per_task
+    return [(encode.path(name), s, lo, min(lo + step, n))
+            for s, (name, n) in enumerate(zip(shards, limits)) for lo in range(0, n, step)]
 
 
 def dataset_stats(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact) -> FeatureStats:
-    """Merged feature statistics of the first `cfg.num_images` samples, one task per shard."""
+    """Merged feature statistics of the first `cfg.num_images` samples, in tasks of shard ranges."""
     items = _shard_items(ctx, cfg, encode)
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
     job = ShardJob(encode.manifest()["outputs"]["encoder"], cfg.inception_weights, cfg.batch, device, ctx.seed)
-    ctx.log.info("refstats: %d images from %d shards", sum(n for _, _, n in items), len(items))
+    ctx.log.info("refstats: %d images in %d tasks", sum(stop - start for _, _, start, stop in items), len(items))
     results = ctx.map(partial(shard_stats, job), items, Resources(cfg.num_cpus, cfg.num_gpus), desc="refstats")
     return sum((FeatureStats.from_dict(r) for r in results), FeatureStats(FEATURE_DIM))
 

@@ -55,9 +55,9 @@ def _direct(cfg: C.Config, inception: str, num_images: int) -> tuple[np.ndarray,
     return feats.mean(0), np.cov(feats, rowvar=False)
 
 
-@pytest.mark.parametrize("num_images", [0, 30])
-def test_stats_equal_a_direct_computation(tmp_path, inception, num_images):
-    cfg = _cfg(tmp_path, inception, f"refstats.num_images={num_images}")
+@pytest.mark.parametrize("num_images, per_task", [(0, 1000), (30, 1000), (30, 7)])  # 7: ranges across batches
+def test_stats_equal_a_direct_computation(tmp_path, inception, num_images, per_task):
+    cfg = _cfg(tmp_path, inception, f"refstats.num_images={num_images}", f"refstats.images_per_task={per_task}")
     outputs, stats = _refstats(cfg)
     count = num_images or 60
     mu, sigma = _direct(cfg, inception, count)
