@@ -34,7 +34,7 @@ from pipeline.store import Artifact
 from pipeline.training import (MetricsLog, gather_metrics, load_network, load_state, mix_seed, save_network,
                                save_state)
 
-VERSION = "1"
+VERSION = "2"  # 2: a seeded random LPIPS backbone
 UPSTREAM = ("encode", "teacher", "phema", "pairs")
 
 

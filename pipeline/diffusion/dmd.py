@@ -141,6 +141,9 @@ def lpips_regression_loss(
     return lpips_model(resize(generated), resize(target)).mean()
 
 
+LPIPS_RANDOM_SEED = 0  # for pretrained_backbone=False
+
+
 def load_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> nn.Module:
     """Frozen LPIPS v0.1 in eval mode; its linear heads ship with the lpips package.
 
@@ -150,8 +153,10 @@ def load_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> nn.Module:
     if net not in LPIPS_BACKBONES:
         raise ValueError(f"unknown LPIPS network {net!r}; choose one of {list(LPIPS_BACKBONES)}")
     try:
-        with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
-            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        # A random backbone is seeded: the same network in every worker, run and resume.
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")  # lpips passes `pretrained=`
+            torch.manual_seed(LPIPS_RANDOM_SEED)
             model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
     except (OSError, RuntimeError) as err:
         url = getattr(torchvision.models, LPIPS_BACKBONES[net]).IMAGENET1K_V1.url

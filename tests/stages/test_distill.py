@@ -1,4 +1,5 @@
-"""The distill stage on a tiny ci teacher: it trains, the regression loss falls, the student loads."""
+"""The distill stage on a tiny ci teacher: it trains, the regression loss falls, the student loads,
+a killed run resumes to the same student."""
 
 import json
 import shutil
@@ -7,11 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from pipeline import config as C
 from pipeline import dag, store
 from pipeline.diffusion.dmd import OneStepGenerator
-from pipeline.executor import InlineExecutor
+from pipeline.executor import InlineExecutor, InlineSession
 from pipeline.training import load_network
 
 TINY = ["encode.num_images=32", "encode.shard_size=32", "teacher.channels=16", "teacher.batch=4",
@@ -76,3 +78,38 @@ def test_student_loads_and_starts_from_the_teacher(storage):
 def test_guidance_without_a_guide_is_refused(storage):
     with pytest.raises(ValueError, match="needs a guiding network: set pairs.guide"):
         dag.run(_cfg(storage, "distill.guidance=2"), only=["distill"], executor=InlineExecutor())
+
+
+class KilledAfterFirstCheckpoint(InlineExecutor):
+    """Its first training run dies right after its first checkpoint, as a killed process would."""
+
+    killed = False
+
+    def ddp(self, train_fn, args, job):
+        if self.killed:
+            return super().ddp(train_fn, args, job)
+        self.killed = True
+
+        class Dies(InlineSession):
+            def report(self, metrics, checkpoint_dir):
+                super().report(metrics, checkpoint_dir)
+                raise KeyboardInterrupt("killed")
+
+        train_fn(Dies(job), args)
+
+
+def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, tmp_path):
+    students = {}
+    for name, executor in (("whole", InlineExecutor()), ("killed", KilledAfterFirstCheckpoint())):
+        shutil.copytree(pairs_store, tmp_path / name)
+        cfg = _cfg(str(tmp_path / name), "distill.duration_nimg=128")  # checkpoints at 64 and 128
+        if name == "killed":
+            with pytest.raises(KeyboardInterrupt):
+                dag.run(cfg, until="distill", executor=executor)
+            assert _artifact(cfg, "distill").state() != "done"
+        dag.run(cfg, until="distill", executor=executor)  # the rerun resumes from the checkpoint at 64
+        students[name] = load_file(_artifact(cfg, "distill").path("student.safetensors"))
+        assert [r["nimg"] for r in _rows(_artifact(cfg, "distill"))] == list(range(16, 129, 16))
+    assert students["whole"].keys() == students["killed"].keys()
+    for key, value in students["whole"].items():
+        assert torch.equal(value, students["killed"][key]), key

@@ -266,6 +266,16 @@ def test_lpips_offline_frozen_with_packaged_heads(net: str) -> None:
     assert spy.shapes == [(1, 3, 224, 224)] * 2
 
 
+def test_a_random_lpips_backbone_is_the_same_whatever_the_rng_state() -> None:
+    torch.manual_seed(1)
+    a = load_lpips("alex", pretrained_backbone=False).state_dict()
+    torch.manual_seed(2)
+    state = torch.random.get_rng_state()
+    b = load_lpips("alex", pretrained_backbone=False).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is left as it was
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_lpips_loss_is_positive_and_differentiable() -> None:
     model = load_lpips("alex", pretrained_backbone=False)
     gen = torch.Generator().manual_seed(0)
