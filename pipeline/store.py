@@ -185,8 +185,9 @@ def _storage_error(url: str, doing: str, fs: fsspec.AbstractFileSystem, path: st
         return ValueError(f"{what}: {type(e).__name__}: {e}. Choose a folder you can write as --storage.")
     if isinstance(e, FileNotFoundError):
         bucket = path.split("/")[0]
-        endpoint = "; if the bucket exists, check that FSSPEC_S3_ENDPOINT_URL names its endpoint" if proto in ("s3", "s3a") else ""
-        return ValueError(f"{what}: the bucket {bucket} does not exist. Create it, or fix --storage{endpoint}.")
+        hint = ("; if the bucket exists, check that FSSPEC_S3_ENDPOINT_URL names its endpoint"
+                if proto in ("s3", "s3a") else "")
+        return ValueError(f"{what}: the bucket {bucket} does not exist. Create it, or fix --storage{hint}.")
     if kinds & {"ConnectionError", "TimeoutError", "HTTPClientError", "ClientConnectionError"}:
         endpoint = redact(getattr(fs, "endpoint_url", None) or f"the default {proto} endpoint")
         check = "the URL (--storage), FSSPEC_S3_ENDPOINT_URL" if proto in ("s3", "s3a") else "the URL (--storage)"
