@@ -279,6 +279,8 @@ class RaySession:
     def wrap(self, net: torch.nn.Module) -> torch.nn.Module:
         import torch
 
+        if self.world_size == 1:  # nothing to synchronise: DDP would only copy every gradient into its buckets
+            return net
         if self.device.type == "cuda":
             return torch.nn.parallel.DistributedDataParallel(net, device_ids=[self.device.index])
         return torch.nn.parallel.DistributedDataParallel(net)

@@ -28,7 +28,7 @@ from pipeline.data.encoders import encoder_from_info
 from pipeline.diffusion.dmd import OneStepGenerator
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import Resources
-from pipeline.metrics.fid import FeatureStats, frechet_distance, load_inception
+from pipeline.metrics.fid import FeatureStats, frechet_distance, load_inception, worker_inception
 from pipeline.store import Artifact
 from pipeline.training import load_network
 
@@ -91,7 +91,7 @@ def evaluate_range(job: EvalJob, item: tuple[int, int, int]) -> dict[str, Any]:
     begin = time.perf_counter()
     net = load_network(model.artifact, model.config_name, model.weights).to(job.device)
     encoder = encoder_from_info(job.encoder, job.device)
-    inception = load_inception(job.inception_weights, job.device)
+    inception = worker_inception(job.inception_weights, job.device)
     stats, grid = FeatureStats(inception.dim), []
     for lo in range(start, stop, job.batch):
         seeds = list(range(lo, min(lo + job.batch, stop)))

@@ -26,7 +26,7 @@ from pipeline.dag import StageContext
 from pipeline.data.encoders import Encoder, encoder_from_info
 from pipeline.data.shards import reader
 from pipeline.executor import Resources
-from pipeline.metrics.fid import FEATURE_DIM, FeatureStats, InceptionFeatures, load_inception
+from pipeline.metrics.fid import FEATURE_DIM, FeatureStats, InceptionFeatures, load_inception, worker_inception
 from pipeline.store import Artifact
 from pipeline.training import mix_seed
 
@@ -56,7 +56,7 @@ def shard_stats(job: ShardJob, item: tuple[str, int, int, int]) -> dict[str, np.
     """Feature sums (FeatureStats.to_dict) of samples [start, stop) of one shard."""
     url, shard, start, stop = item
     encoder = encoder_from_info(job.encoder, job.device)
-    inception = load_inception(job.inception_weights, job.device)
+    inception = worker_inception(job.inception_weights, job.device)
     stats = FeatureStats(inception.dim)
     seen = 0  # samples of the shard read so far
     for stored, _ in reader([url], job.batch):

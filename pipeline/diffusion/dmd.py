@@ -89,6 +89,7 @@ def _dm_gradient(
     """grad [B, C, H, W] = (mu_fake - mu_real) / mean_{C,H,W}|x - mu_real| and that normaliser [B]."""
     x = x.detach().float()
     x_t = x + sigma.reshape(-1, 1, 1, 1) * noise  # [B, C, H, W]
+    x_t = x_t.contiguous(memory_format=torch.channels_last)  # NHWC convolutions: faster on CPUs, same values
     mu_real = guided(real_score, guide, guidance, x_t.dtype)(x_t, sigma, labels).float()
     mu_fake = fake_score(x_t, sigma, labels).float()  # the fake score is never guided
     normalizer = (x - mu_real).abs().mean(dim=(1, 2, 3), keepdim=True).clamp(min=DM_EPS)

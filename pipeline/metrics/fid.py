@@ -8,6 +8,7 @@ of the TF-slim weights) as clean-fid's InceptionV3W calls it: 2048-d pool featur
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import shutil
@@ -148,6 +149,13 @@ def load_inception(weights: str, device: str = "cpu") -> InceptionFeatures:
         inception = InceptionFeatures(_torchscript_layers(path, weights), device, random=False)
     _check_output(inception, weights)
     return inception
+
+
+@functools.lru_cache(maxsize=2)
+def worker_inception(weights: str, device: str = "cpu") -> InceptionFeatures:
+    """load_inception, kept for the life of the process: a Ray worker that runs several tasks
+    (refstats' ranges, then evaluate's) builds the network once, not once per task (~5 s each)."""
+    return load_inception(weights, device)
 
 
 def _weights_error(weights: str, reason: str) -> ValueError:
