@@ -34,7 +34,7 @@ from pipeline.store import Artifact
 from pipeline.training import (MetricsLog, gather_metrics, load_network, load_state, mix_seed, save_network,
                                save_state)
 
-VERSION = "2"  # 2: a seeded random LPIPS backbone
+VERSION = "3"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G
 UPSTREAM = ("encode", "teacher", "phema", "pairs")
 
 
@@ -97,13 +97,17 @@ def _bf16(device: torch.device) -> torch.autocast:
     return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
 
 
-def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batch: int, device: torch.device) -> float:
-    """One fake-score step on G's detached outputs with the teacher's denoising loss."""
-    z, labels = _latents(batch, nets.real, device)
+def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batch: int, device: torch.device,
+                x: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> float:
+    """One fake-score step with the teacher's denoising loss on G's outputs `x` (labels), detached;
+    without x, on a fresh batch of G (DMD2's extra fake-score updates)."""
     loss_cfg = args.teacher_loss
     with _bf16(device):
-        with torch.no_grad():
-            x = nets.generator(z, labels).float()
+        if x is None:
+            z, labels = _latents(batch, nets.real, device)
+            with torch.no_grad():
+                x = nets.generator(z, labels)
+        x = x.detach().float()
         sigma = sample_sigma(batch, loss_cfg["P_mean"], loss_cfg["P_std"], None, device)
         out = fake_score_loss(fake_model, x, labels, sigma, torch.randn_like(x), weighting=loss_cfg["weighting"],
                               min_snr_gamma=loss_cfg["min_snr_gamma"], use_uncertainty=loss_cfg["use_uncertainty"])
@@ -111,17 +115,24 @@ def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batc
     return out.loss.item()
 
 
-def generator_update(nets: Nets, gen_model: torch.nn.Module, pairs: Iterator, encoder: Any, lpips: Any,
-                     args: DistillArgs, batch: int, device: torch.device) -> dict[str, float]:
-    """L = L_DM (fresh z) + lambda_reg LPIPS(G(pair noise), pair target), in one forward of G."""
+def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Module, pairs: Iterator, encoder: Any,
+               lpips: Any, args: DistillArgs, batch: int, device: torch.device) -> dict[str, float]:
+    """One iteration. DMD2's two time-scale rule first makes fake_updates_per_gen - 1 fake-score updates
+    on fresh batches of G. Then G makes the DM batch (fresh z) and the pair batch in one forward; the
+    fake score learns from that DM batch, detached; G steps on L_DM, with the updated fake score, plus
+    lambda_reg LPIPS(G(pair noise), pair target). (G's no-grad forwards come first: a training-mode
+    forward renormalises its weights in place, which would break the graph of the one with grad.)"""
     cfg = args.cfg
+    fake_losses = [fake_update(nets, fake_model, args, batch, device) for _ in range(cfg.fake_updates_per_gen - 1)]
     z, labels = _latents(batch, nets.real, device)
     pz, py, plabels = (t.to(device) for t in next(pairs))
     plabels = plabels if nets.real.num_classes else None
     all_labels = None if labels is None else torch.cat([labels, plabels])
     with _bf16(device):
         x_all = gen_model(torch.cat([z, pz.float()]), all_labels).float()  # one DDP forward for both losses
-        x, x_pairs = x_all[:batch], x_all[batch:]
+    x, x_pairs = x_all[:batch], x_all[batch:]
+    fake_losses.append(fake_update(nets, fake_model, args, batch, device, x, labels))
+    with _bf16(device):
         sigma = sample_dm_sigma(batch, None, device)
         loss_dm, info = distribution_matching_loss(x, labels, nets.real, nets.fake, sigma, torch.randn_like(x),
                                                    guidance=cfg.guidance, guide=nets.guide)
@@ -131,7 +142,7 @@ def generator_update(nets: Nets, gen_model: torch.nn.Module, pairs: Iterator, en
     params = [p for p in nets.generator.parameters() if p.requires_grad]
     norm = _step(nets.opt_g, loss, params, cfg.grad_clip)
     return {"loss_dm": loss_dm.item(), "loss_reg": loss_reg.item(), "grad_norm": norm,
-            "dm_normalizer": float(info["normalizer"].mean())}
+            "dm_normalizer": float(info["normalizer"].mean()), "loss_fake": sum(fake_losses) / len(fake_losses)}
 
 
 def _restore(nets: Nets, path: str) -> int:
@@ -172,9 +183,7 @@ def train_loop(session: TrainSession, args: DistillArgs) -> None:
         tick, sums = time.perf_counter(), []
         for _ in range(steps):
             torch.manual_seed(mix_seed(args.seed, rank, nimg))
-            fake_losses = [fake_update(nets, fake_model, args, batch, device) for _ in range(cfg.fake_updates_per_gen)]
-            row = generator_update(nets, gen_model, pairs, encoder, lpips, args, batch, device)
-            sums.append({**row, "loss_fake": sum(fake_losses) / len(fake_losses)})
+            sums.append(train_step(nets, gen_model, fake_model, pairs, encoder, lpips, args, batch, device))
             nimg += cfg.batch
             if nimg % cfg.log_nimg == 0 or nimg == chunk_end:
                 log.add(_row(session, sums, nimg, len(sums) * cfg.batch, time.perf_counter() - tick))

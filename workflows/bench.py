@@ -457,8 +457,9 @@ def _backward(fn: Callable[[], torch.Tensor], *nets: torch.nn.Module) -> None:
     fn().backward()
 
 
-def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs) -> list[tuple[str, Callable[[], Any]]]:
-    """Each forward/backward a distill step does, to be timed alone: (what, call)."""
+def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs
+                    ) -> list[tuple[str, int, Callable[[], Any]]]:
+    """Each forward/backward a distill step does, to be timed alone: (what, times per step, call)."""
     cfg, loss, g = args.cfg, args.teacher_loss, nets.generator
     b, r, size = cfg.batch, cfg.reg_batch, cfg.lpips_size
     z = torch.randn(b + r, g.denoiser.img_channels, g.denoiser.img_resolution, g.denoiser.img_resolution)
@@ -468,7 +469,8 @@ def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs) -
     sigma, noise = sample_sigma(b, loss["P_mean"], loss["P_std"], None, "cpu"), torch.randn_like(x[:b])
     dm_sigma = D.sample_dm_sigma(b, None, "cpu")
     pixels = x[b:].clamp(-1, 1)
-    per_step = f" (x{cfg.fake_updates_per_gen} per step)" if cfg.fake_updates_per_gen > 1 else ""
+    k = cfg.fake_updates_per_gen  # fake updates per step; all but the last make a fresh batch of G
+    per_step = f" (x{k} per step)" if k > 1 else ""
 
     def fake_loss() -> torch.Tensor:
         return fake_score_loss(nets.fake, x[:b], labels[:b], sigma, noise, weighting=loss["weighting"],
@@ -478,14 +480,15 @@ def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs) -
         with torch.no_grad():
             g(z[:b], labels[:b])
 
-    passes = [(f"G forward, no grad, {b} images{per_step}", no_grad_g),
-              (f"fake score forward+backward (EDM2 loss), {b} images{per_step}",
+    passes = [(f"fake score forward+backward (EDM2 loss), {b} images{per_step}", k,
                partial(_backward, fake_loss, nets.fake)),
-              (f"G forward+backward, {b}+{r} images", partial(_backward, lambda: g(z, labels).square().mean(), g)),
-              (f"real + fake score forwards (DM gradient), {b} images",
+              (f"G forward+backward, {b}+{r} images", 1, partial(_backward, lambda: g(z, labels).square().mean(), g)),
+              (f"real + fake score forwards (DM gradient), {b} images", 1,
                lambda: distribution_matching_loss(x[:b], labels[:b], nets.real, nets.fake, dm_sigma, noise)),
-              (f"LPIPS {cfg.lpips_net} forward+backward, {r} images at {size}px", lambda: lpips_regression_loss(
+              (f"LPIPS {cfg.lpips_net} forward+backward, {r} images at {size}px", 1, lambda: lpips_regression_loss(
                   lpips, pixels.clone().requires_grad_(), pixels.flip(0), size).backward())]
+    if k > 1:
+        passes.insert(0, (f"G forward, no grad, {b} images (x{k - 1} per step)", k - 1, no_grad_g))
     return passes
 
 
@@ -500,19 +503,17 @@ def bench_distill(a: argparse.Namespace) -> None:
     encoder, pairs = encoder_from_info(args.encoder), _pair_batches(nets.real, cfg.reg_batch)
 
     def step() -> None:
-        for _ in range(cfg.fake_updates_per_gen):
-            D.fake_update(nets, nets.fake, args, cfg.batch, cpu)
-        D.generator_update(nets, nets.generator, pairs, encoder, lpips, args, cfg.batch, cpu)
+        D.train_step(nets, nets.generator, nets.fake, pairs, encoder, lpips, args, cfg.batch, cpu)
 
     passes = _distill_passes(nets, lpips, args)
-    times = _round_seconds([step, *(fn for _, fn in passes)], warmup=1, iters=a.iters)  # [iters, 1 + passes]
-    times[:, 1:3] *= cfg.fake_updates_per_gen  # the first two passes: fake_update runs that many times
+    times = _round_seconds([step, *(fn for _, _, fn in passes)], warmup=1, iters=a.iters)  # [iters, 1 + passes]
+    times[:, 1:] *= np.array([count for _, count, _ in passes])  # each pass as often as a step makes it
     seconds, parts = np.median(times, axis=0)[0], np.median(times, axis=0)[1:]
     ratio = np.median(times[:, 0] / times[:, 1:].sum(axis=1))  # per round: both under the same load
     pretrained = "pretrained" if cfg.lpips_pretrained else "random"
     table([(f"distill step ms, {a.preset} preset (LPIPS {cfg.lpips_net} {pretrained}; CPU, {a.threads} thr)",
             f"{1e3 * seconds:.0f}", ""),
-           *((f"  {name}, ms", f"{1e3 * t:.0f}", "") for (name, _), t in zip(passes, parts)),
+           *((f"  {name}, ms", f"{1e3 * t:.0f}", "") for (name, _, _), t in zip(passes, parts)),
            ("sum of the passes, ms", f"{1e3 * parts.sum():.0f}", ""),
            (f"step / sum of its passes, median of {a.iters} interleaved rounds", f"{ratio:.2f}",
             "~1 (rest: optimiser, clipping)")])

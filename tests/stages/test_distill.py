@@ -113,3 +113,27 @@ def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, 
     assert students["whole"].keys() == students["killed"].keys()
     for key, value in students["whole"].items():
         assert torch.equal(value, students["killed"][key]), key
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_a_step_makes_k_minus_1_fresh_fake_updates_then_one_on_gs_batch(storage, monkeypatch, k):
+    from stages import distill as D
+
+    g_forwards, fake_inputs = [], []
+    forward, fake_update = OneStepGenerator.forward, D.fake_update
+
+    def counting_forward(self, z, labels=None):
+        g_forwards.append(len(z))
+        return forward(self, z, labels)
+
+    def recording_fake_update(nets, model, args, batch, device, x=None, labels=None):
+        fake_inputs.append("G's batch" if x is not None else "fresh")
+        return fake_update(nets, model, args, batch, device, x, labels)
+
+    monkeypatch.setattr(OneStepGenerator, "forward", counting_forward)
+    monkeypatch.setattr(D, "fake_update", recording_fake_update)
+    cfg = _cfg(storage, f"distill.fake_updates_per_gen={k}", "distill.duration_nimg=16", "distill.log_nimg=8")
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    steps = 16 // 8
+    assert fake_inputs == (["fresh"] * (k - 1) + ["G's batch"]) * steps  # DMD: no second forward of G
+    assert g_forwards == ([8] * (k - 1) + [8 + 8]) * steps  # fresh batches, then DM and pair batches in one
