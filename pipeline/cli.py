@@ -124,14 +124,6 @@ def _size(n: int) -> str:
     return ""
 
 
-def format_plan(plan: dag.Plan) -> str:
-    lines = [f"{'stage':<10} {'key':<16}  {'stored':<8} action"]
-    for name in plan.selected:
-        action = ("force" if name in plan.forced else "run") if name in plan.to_run else "cached"
-        lines.append(f"{name:<10} {plan.keys[name]:<16}  {plan.states[name]:<8} {action}")
-    return "\n".join(lines)
-
-
 def status_table(cfg: C.Config) -> str:
     nodes = dag.graph()
     st = store.Store(cfg.storage)
@@ -149,12 +141,27 @@ def status_table(cfg: C.Config) -> str:
     return "\n".join(lines)
 
 
+def report_line(cfg: C.Config, plan: dag.Plan) -> str:
+    """Where the evaluation report is and its headline, once evaluate is done ("" otherwise)."""
+    report = store.Store(cfg.storage).artifact("evaluate", plan.keys["evaluate"])
+    manifest = report.manifest() if "evaluate" in plan.selected else None
+    if manifest is None:
+        return ""
+    out = manifest["outputs"]
+    return (f"report: {store.redact(report.path('report.md'))} (and report.html): the one-step student's "
+            f"{out['metric']} is {out['student_fd_over_best_teacher']:.2f}x the best teacher variant's "
+            f"(sigma_rel {out['best_sigma_rel']})")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(args)
     if args.dry_run:
         print(C.dump(cfg))
     plan = dag.run(cfg, args.only, args.force, args.until, dry_run=args.dry_run)
-    print(format_plan(plan))
+    print(plan.table() if args.dry_run or not plan.to_run else status_table(cfg))
+    report = "" if args.dry_run else report_line(cfg, plan)
+    if report:
+        print(report)
     return 0
 
 

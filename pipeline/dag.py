@@ -118,6 +118,13 @@ class Plan:
     to_run: list[str]  # of those, what will be computed
     forced: list[str] = field(default_factory=list)
 
+    def table(self) -> str:
+        lines = [f"{'stage':<10} {'key':<16}  {'stored':<8} action"]
+        for name in self.selected:
+            action = ("force" if name in self.forced else "run") if name in self.to_run else "cached"
+            lines.append(f"{name:<10} {self.keys[name]:<16}  {self.states[name]:<8} {action}")
+        return "\n".join(lines)
+
 
 def _check_names(nodes: dict[str, Node], names: list[str], flag: str) -> None:
     for name in names:
@@ -203,6 +210,7 @@ def run(cfg: C.Config, only: list[str] = (), force: list[str] = (), until: str |
         executor = make_executor(cfg.executor, cfg.max_in_flight)
     check_cluster_storage(executor.num_nodes(), st.root, cfg.shared_storage)
     check_resources(executor, [nodes[name] for name in plan.to_run], cfg)
+    log.info("plan:\n%s", plan.table())
     for name in plan.forced:
         st.artifact(name, plan.keys[name]).delete()
     for name in plan.to_run:

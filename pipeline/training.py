@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -83,7 +84,9 @@ class MetricsLog:
         if self.rank == 0:
             shown = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in row.items() if not isinstance(v, dict))
-            print(f"{self.name} {100 * row['nimg'] / self.total:5.1f}% {shown}", flush=True)
+            # not print(): Ray Train patches it to log as well as write, which shows every line twice
+            sys.stdout.write(f"{self.name} {100 * row['nimg'] / self.total:5.1f}% {shown}\n")
+            sys.stdout.flush()
 
     def flush(self, artifact: store.Artifact, chunk_start: int) -> None:
         """Rank 0 writes this chunk's rows as `metrics/{chunk_start}.jsonl`."""

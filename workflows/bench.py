@@ -278,6 +278,7 @@ def _forward_seconds(net: Denoiser, batch: int, iters: int) -> float:
     """Median time of one no-grad forward at this batch, as the sampler calls it."""
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     noise, labels = seeded_noise(list(range(batch)), shape, net.num_classes, "cpu")
+    noise = noise.contiguous(memory_format=torch.channels_last)  # the sampler's NHWC layout
     sigma = torch.full((batch,), 1.0)
     with torch.no_grad():
         return _median_seconds(lambda: net(noise, sigma, labels), warmup=1, iters=iters)
@@ -539,8 +540,8 @@ def main() -> None:
     sample.add_argument("--phema-targets", type=int, default=8)
     sample.add_argument("--threads", type=int, default=1, help="torch threads of the in-process timings")
     pairs = sub.add_parser("pairs")
-    pairs.add_argument("--shards", type=int, default=4)
-    pairs.add_argument("--pairs-per-shard", type=int, default=32)
+    pairs.add_argument("--shards", type=int, default=8)
+    pairs.add_argument("--pairs-per-shard", type=int, default=64)
     pairs.add_argument("--steps", type=int, default=8)
     pairs.add_argument("--batch", type=int, default=32)
     distill = sub.add_parser("distill")

@@ -6,6 +6,7 @@ from pipeline import cli, config as C, dag, store
 def test_ci_dag_runs_end_to_end_then_is_fully_cached(ray_session, tmp_path, capsys):
     storage = str(tmp_path / "artifacts")
     assert cli.main(["run", "--config", "ci", "--storage", storage]) == 0
+    printed = capsys.readouterr().out
     cfg = C.load_config("ci", storage=storage)
     keys = dag.cache_keys(dag.graph(), cfg)
     st = store.Store(storage)
@@ -23,6 +24,8 @@ def test_ci_dag_runs_end_to_end_then_is_fully_cached(ray_session, tmp_path, caps
     assert f"**{outputs['student_fd_over_best_teacher']:.2f}x** the best teacher's (1 vs 15" in md
     for m in outputs["models"]:
         assert report.exists(m["grid"]) and m["fd"] > 0
-    capsys.readouterr()
+    assert f"report: {report.path('report.md')}" in printed  # the closing lines: where the report is
+    assert f"{outputs['student_fd_over_best_teacher']:.2f}x the best teacher variant's" in printed
     assert cli.main(["run", "--config", "ci", "--storage", storage]) == 0
-    assert "run" not in capsys.readouterr().out.split("action", 1)[1]  # every stage cached
+    plan = capsys.readouterr().out.split("action\n", 1)[1].split("report:", 1)[0].splitlines()
+    assert len(plan) == len(keys) and all(line.endswith(" cached") for line in plan)  # every stage cached

@@ -23,7 +23,8 @@ def test_run_status_show(tmp_path, capsys):
     assert cli.main(["status", *_args(storage)]) == 0
     assert "missing" in capsys.readouterr().out
     assert cli.main(["run", *_args(storage, "--until", "encode")]) == 0
-    capsys.readouterr()
+    ran = capsys.readouterr().out  # after a run: every stage's state, no report before evaluate
+    assert "state" in ran and "done" in ran and "report:" not in ran
     assert cli.main(["status", *_args(storage)]) == 0
     status = capsys.readouterr().out
     assert "encode" in status and "done" in status and " s" in status
