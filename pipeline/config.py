@@ -200,7 +200,9 @@ class DistillConfig:
     fake_updates_per_gen: int = 1  # 1 = DMD; 5 = DMD2's two time-scale rule
     lpips_net: str = "vgg"  # vgg (DMD) | alex | squeeze
     lpips_pretrained: bool = True  # False: random backbone (offline demo/ci; not a perceptual metric)
+    lpips_weights: str = ""  # path/URL of torchvision's backbone file (offline clusters); "" = torch hub
     lpips_size: int = 224  # images are upsampled to this before LPIPS (DMD: 224)
+    lpips_decoder: str = ""  # latent models: a lighter decoder for LPIPS (AutoencoderTiny, e.g. madebyollin/taesd)
     guidance: float = 1.0  # for the real score (the fake score stays unguided); w != 1 needs pairs.guide
     duration_nimg: int = 25_600_000  # generator images
     checkpoint_nimg: int = 1_000_000
@@ -211,6 +213,9 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _check_choice("distill", "lpips_net", self.lpips_net, ("vgg", "alex", "squeeze"))
+        if self.lpips_weights and not self.lpips_pretrained:
+            raise ValueError("distill.lpips_weights is set but distill.lpips_pretrained = false asks for a "
+                             "random backbone: drop one of them")
         _check_positive("distill", lr=self.lr, fake_lr=self.fake_lr, batch=self.batch, reg_batch=self.reg_batch,
                         duration_nimg=self.duration_nimg, checkpoint_nimg=self.checkpoint_nimg,
                         fake_updates_per_gen=self.fake_updates_per_gen, lpips_size=self.lpips_size,

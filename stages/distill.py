@@ -17,13 +17,13 @@ import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from pipeline.config import DistillConfig
 from pipeline.dag import StageContext
-from pipeline.data.encoders import encoder_from_info
+from pipeline.data.encoders import encoder_from_info, lpips_decoder
 from pipeline.data.shards import reader
 from pipeline.diffusion.dmd import (OneStepGenerator, distribution_matching_loss, fake_score_loss, load_lpips,
                                     lpips_regression_loss, sample_dm_sigma)
@@ -115,8 +115,9 @@ def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batc
     return out.loss.item()
 
 
-def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Module, pairs: Iterator, encoder: Any,
-               lpips: Any, args: DistillArgs, batch: int, device: torch.device) -> dict[str, float]:
+def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Module, pairs: Iterator,
+               to_pixels: Callable[[torch.Tensor], torch.Tensor], lpips: Any, args: DistillArgs, batch: int,
+               device: torch.device) -> dict[str, float]:
     """One iteration. DMD2's two time-scale rule first makes fake_updates_per_gen - 1 fake-score updates
     on fresh batches of G. Then G makes the DM batch (fresh z) and the pair batch in one forward; the
     fake score learns from that DM batch, detached; G steps on L_DM, with the updated fake score, plus
@@ -136,8 +137,7 @@ def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Modu
         sigma = sample_dm_sigma(batch, None, device)
         loss_dm, info = distribution_matching_loss(x, labels, nets.real, nets.fake, sigma, torch.randn_like(x),
                                                    guidance=cfg.guidance, guide=nets.guide)
-        loss_reg = lpips_regression_loss(lpips, encoder.to_pixels(x_pairs), encoder.to_pixels(py.float()),
-                                         cfg.lpips_size)
+        loss_reg = lpips_regression_loss(lpips, to_pixels(x_pairs), to_pixels(py.float()), cfg.lpips_size)
     loss = loss_dm + cfg.lambda_reg * loss_reg
     params = [p for p in nets.generator.parameters() if p.requires_grad]
     norm = _step(nets.opt_g, loss, params, cfg.grad_clip)
@@ -169,8 +169,8 @@ def train_loop(session: TrainSession, args: DistillArgs) -> None:
     nets = build_nets(args, device)
     nimg = session.restore(partial(_restore, nets)) or 0
     gen_model, fake_model = session.wrap(nets.generator), session.wrap(nets.fake)
-    encoder = encoder_from_info(args.encoder, str(device))
-    lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained).to(device)
+    to_pixels = lpips_decoder(encoder_from_info(args.encoder, str(device)), cfg.lpips_decoder, str(device))
+    lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights).to(device)
     batch, reg_batch = cfg.batch // world, cfg.reg_batch // world
     log = MetricsLog("distill", cfg.duration_nimg, rank)
     while nimg < cfg.duration_nimg:
@@ -183,7 +183,7 @@ def train_loop(session: TrainSession, args: DistillArgs) -> None:
         tick, sums = time.perf_counter(), []
         for _ in range(steps):
             torch.manual_seed(mix_seed(args.seed, rank, nimg))
-            sums.append(train_step(nets, gen_model, fake_model, pairs, encoder, lpips, args, batch, device))
+            sums.append(train_step(nets, gen_model, fake_model, pairs, to_pixels, lpips, args, batch, device))
             nimg += cfg.batch
             if nimg % cfg.log_nimg == 0 or nimg == chunk_end:
                 log.add(_row(session, sums, nimg, len(sums) * cfg.batch, time.perf_counter() - tick))
@@ -214,7 +214,8 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
                        pairs["outputs"]["teacher"]["file"], pairs["config"]["guide"],
                        [inputs["pairs"].path(s) for s in pairs["outputs"]["shards"]],
                        inputs["encode"].manifest()["outputs"]["encoder"], ctx.artifact, ctx.seed)
-    load_lpips(cfg.lpips_net, cfg.lpips_pretrained)  # a backbone that cannot be had fails here
+    load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights)  # a backbone that cannot be had fails here
+    lpips_decoder(encoder_from_info(args.encoder), cfg.lpips_decoder)  # and so does a decoder
     job = DDPJob("distill", ctx.artifact.path("checkpoints"), cfg.num_workers, cfg.use_gpu, cfg.max_failures)
     start = time.perf_counter()
     ctx.ddp(train_loop, args, job)

@@ -102,6 +102,17 @@ def save_tiny_vae(path: Path) -> str:
     return str(path)
 
 
+def save_tiny_decoder(path: Path) -> str:
+    """A random AutoencoderTiny (TAESD's architecture, 4 latent channels) that upsamples by 2, saved offline."""
+    import torch
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(path)
+    return str(path)
+
+
 def save_random_inception(path: Path) -> str:
     """A tiny random network saved as TorchScript with the calling convention of clean-fid's
     inception-2015-12-05.pt: `.layers` maps (img - 128) / 128 at 299x299 to [B, 2048, 1, 1] pool

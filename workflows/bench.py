@@ -500,11 +500,11 @@ def bench_distill(a: argparse.Namespace) -> None:
         args = _distill_args(a.preset, tmp)
         nets = D.build_nets(args, cpu)
     cfg = args.cfg
-    lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained)
+    lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights)
     encoder, pairs = encoder_from_info(args.encoder), _pair_batches(nets.real, cfg.reg_batch)
 
     def step() -> None:
-        D.train_step(nets, nets.generator, nets.fake, pairs, encoder, lpips, args, cfg.batch, cpu)
+        D.train_step(nets, nets.generator, nets.fake, pairs, encoder.to_pixels, lpips, args, cfg.batch, cpu)
 
     passes = _distill_passes(nets, lpips, args)
     times = _round_seconds([step, *(fn for _, _, fn in passes)], warmup=1, iters=a.iters)  # [iters, 1 + passes]

@@ -18,6 +18,7 @@ import torch
 from pipeline import store
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+TINY_DECODER = "madebyollin/taesd"  # TAESD: a tiny decoder of the same latent space
 # Latent statistics of the SD VAE on ImageNet (EDM2): z*scale + bias has zero mean, std 0.5.
 RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 RAW_STD = (4.17, 4.62, 3.71, 3.28)
@@ -74,13 +75,26 @@ class RgbEncoder:
                 "model_channels": self.model_channels, "downsample": self.downsample}
 
 
-def _local_vae(vae: str) -> str:
+def _local_folder(spec: str) -> str:
     """A hub id or local folder as is; an fsspec URL copied once into the local cache."""
-    if vae.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(vae)):
-        raise FileNotFoundError(f"no folder {vae}")
-    if "://" not in vae:
-        return os.path.expanduser(vae)
-    return store.cached_copy(vae, "vae")
+    if spec.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(spec)):
+        raise FileNotFoundError(f"no folder {spec}")
+    if "://" not in spec:
+        return os.path.expanduser(spec)
+    return store.cached_copy(spec, "vae")
+
+
+def _load_pretrained(loader: Callable[[str], Any], spec: str, what: str, cls: str, hub_id: str, field: str) -> Any:
+    """`loader(local path or hub id)`, with a clear error when the weights cannot be had."""
+    try:
+        return loader(_local_folder(spec))
+    except Exception as e:  # hub, network, missing files, bad config: all are user-fixable
+        name = hub_id.rsplit("/", 1)[1]
+        raise ValueError(
+            f"cannot load {what} {store.redact(spec)!r} ({type(e).__name__}: {e}). Without internet: on a "
+            f"machine with it run `{cls}.from_pretrained({hub_id!r}).save_pretrained('/path/to/{name}')`, "
+            f"copy the folder, and pass --set {field}=/path/to/{name} (a local folder or fsspec URL)."
+        ) from e
 
 
 class VaeEncoder:
@@ -104,16 +118,7 @@ class VaeEncoder:
         return {**self.__dict__, "_model": None}
 
     def _load(self, loader: Callable[[str], Any]) -> Any:
-        """`loader(local path or hub id)`, with a clear error when the VAE cannot be had."""
-        try:
-            return loader(_local_vae(self.vae))
-        except Exception as e:  # hub, network, missing files, bad config: all are user-fixable
-            raise ValueError(
-                f"cannot load the VAE {store.redact(self.vae)!r} ({type(e).__name__}: {e}). "
-                "Without internet: on a machine with it run `AutoencoderKL.from_pretrained("
-                f"{DEFAULT_VAE!r}).save_pretrained('/path/to/sd-vae-ft-mse')`, copy the folder, "
-                "and pass --set encode.vae=/path/to/sd-vae-ft-mse (a local folder or fsspec URL)."
-            ) from e
+        return _load_pretrained(loader, self.vae, "the VAE", "AutoencoderKL", DEFAULT_VAE, "encode.vae")
 
     def config(self) -> dict[str, Any]:
         if self._config is None:
@@ -173,6 +178,40 @@ class VaeEncoder:
                 "model_channels": self.model_channels, "downsample": self.downsample,
                 "vae": store.redact(self.vae), "raw_mean": list(RAW_MEAN), "raw_std": list(RAW_STD),
                 "scale": self.scale.tolist(), "bias": self.bias.tolist()}
+
+
+class TinyDecoder:
+    """A lighter decoder of the SD latent space (diffusers AutoencoderTiny, e.g. TAESD
+    "madebyollin/taesd"), for distill's LPIPS on latent models: model space -> [-1, 1], differentiable."""
+
+    def __init__(self, spec: str, vae: VaeEncoder, device: str = "cpu") -> None:
+        from diffusers import AutoencoderTiny
+
+        self.vae, self.device = vae, device
+        model = _load_pretrained(AutoencoderTiny.from_pretrained, spec, "the LPIPS decoder", "AutoencoderTiny",
+                                 TINY_DECODER, "distill.lpips_decoder")
+        if model.config.latent_channels != vae.model_channels:
+            raise ValueError(f"distill.lpips_decoder {store.redact(spec)!r} has {model.config.latent_channels} "
+                             f"latent channels; the SD VAE's latents have {vae.model_channels}")
+        self.model = model.to(device).eval().requires_grad_(False)
+        # TAESD decodes SD's scaled latents z * scaling_factor (of the SD VAE), over its own scaling_factor
+        self.latent_scale = vae.config()["scaling_factor"] / model.config.scaling_factor
+
+    def to_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        scale, bias = self.vae._affine(x.device)
+        z = (x.float() - bias) / scale  # the SD VAE's raw latents
+        # it returns what the SD VAE would, and EDM2 feeds that VAE [0, 1] (as VaeEncoder.to_pixels)
+        return self.model.decode((z * self.latent_scale).to(self.device)).sample * 2 - 1
+
+
+def lpips_decoder(encoder: Encoder, decoder: str, device: str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """Model space -> [-1, 1] for LPIPS: the encoder's own decoder, or `decoder` (a TinyDecoder) for latents."""
+    if not decoder:
+        return encoder.to_pixels
+    if not isinstance(encoder, VaeEncoder):
+        raise ValueError(f"distill.lpips_decoder = {decoder!r} is for latent models (encode.encoder=vae); "
+                         f"this run's encoder is {encoder.name!r}, whose outputs are pixels: unset it")
+    return TinyDecoder(decoder, encoder, device).to_pixels
 
 
 def make_encoder(name: str, vae: str = DEFAULT_VAE, device: str = "cpu") -> Encoder:

@@ -6,6 +6,7 @@ trainable copy of it fitted to the generator's outputs with the teacher's own lo
 """
 
 import copy
+import os
 import warnings
 from typing import Any
 
@@ -16,6 +17,7 @@ import torchvision
 from torch import nn
 from torch.nn.parallel import DataParallel, DistributedDataParallel
 
+from pipeline import store
 from pipeline.diffusion.loss import LossOutput, edm2_loss
 from pipeline.diffusion.sampler import Denoiser, guided, time_steps
 
@@ -145,25 +147,43 @@ def lpips_regression_loss(
 LPIPS_RANDOM_SEED = 0  # for pretrained_backbone=False
 
 
-def load_lpips(net: str = "vgg", pretrained_backbone: bool = True) -> nn.Module:
+def load_lpips(net: str = "vgg", pretrained_backbone: bool = True, weights: str = "") -> nn.Module:
     """Frozen LPIPS v0.1 in eval mode; its linear heads ship with the lpips package.
 
-    The ImageNet backbone comes from torchvision's hub cache (downloaded on first use);
-    pretrained_backbone=False builds a random backbone and downloads nothing (tests).
+    The ImageNet backbone comes from torchvision's hub cache (downloaded on first use), or from
+    `weights`: a local path or fsspec URL of torchvision's file for that backbone (offline
+    clusters). pretrained_backbone=False builds a random backbone and downloads nothing (tests).
     """
     if net not in LPIPS_BACKBONES:
         raise ValueError(f"unknown LPIPS network {net!r}; choose one of {list(LPIPS_BACKBONES)}")
+    url = getattr(torchvision.models, LPIPS_BACKBONES[net]).IMAGENET1K_V1.url
     try:
         # A random backbone is seeded: the same network in every worker, run and resume.
         with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
             warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")  # lpips passes `pretrained=`
             torch.manual_seed(LPIPS_RANDOM_SEED)
-            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone, verbose=False)
+            model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=not pretrained_backbone or bool(weights),
+                                verbose=False)
     except (OSError, RuntimeError) as err:
-        url = getattr(torchvision.models, LPIPS_BACKBONES[net]).IMAGENET1K_V1.url
         raise ValueError(
             f"could not load the ImageNet weights of LPIPS's {net!r} backbone ({err}). Offline: fetch "
-            f"{url} elsewhere and copy it to {torch.hub.get_dir()}/checkpoints/ (the torch hub cache; "
-            "set TORCH_HOME to use another cache directory)"
+            f"{url} elsewhere and set distill.lpips_weights to its path or URL, or copy it to "
+            f"{torch.hub.get_dir()}/checkpoints/ (the torch hub cache; TORCH_HOME moves it)"
         ) from err
+    if weights:
+        _load_backbone(model.net, weights, net, url)
     return model.eval().requires_grad_(False)
+
+
+def _load_backbone(backbone: nn.Module, weights: str, net: str, url: str) -> None:
+    """torchvision's `features.{i}.*` tensors into LPIPS's slices, which keep torchvision's indices
+    as their module names ("slice2.3.weight" is "features.3.weight")."""
+    try:
+        path = store.cached_copy(weights, "lpips") if "://" in weights else os.path.expanduser(weights)
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        backbone.load_state_dict({k: state[f"features.{k.split('.', 1)[1]}"] for k in backbone.state_dict()})
+    except Exception as err:  # missing file, not a state dict, another network's tensors
+        raise ValueError(
+            f"distill.lpips_weights = {store.redact(weights)!r} is not torchvision's {net} ImageNet file "
+            f"({type(err).__name__}: {err}): it should be a path or URL of {url.rsplit('/', 1)[1]} from {url}"
+        ) from err

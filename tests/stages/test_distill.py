@@ -15,6 +15,7 @@ from pipeline import dag, store
 from pipeline.diffusion.dmd import OneStepGenerator
 from pipeline.executor import InlineExecutor, InlineSession
 from pipeline.training import load_network
+from helpers import save_tiny_decoder, save_tiny_vae
 
 TINY = ["encode.num_images=32", "encode.shard_size=32", "teacher.channels=16", "teacher.batch=4",
         "teacher.snapshot_nimg=8", "teacher.checkpoint_nimg=16", "teacher.duration_nimg=32",
@@ -137,3 +138,16 @@ def test_a_step_makes_k_minus_1_fresh_fake_updates_then_one_on_gs_batch(storage,
     steps = 16 // 8
     assert fake_inputs == (["fresh"] * (k - 1) + ["G's batch"]) * steps  # DMD: no second forward of G
     assert g_forwards == ([8] * (k - 1) + [8 + 8]) * steps  # fresh batches, then DM and pair batches in one
+
+
+def test_a_latent_model_distills_with_the_vae_or_the_lighter_lpips_decoder(tmp_path):
+    vae, decoder = save_tiny_vae(tmp_path / "vae"), save_tiny_decoder(tmp_path / "taesd")
+    rows = {}
+    for name, extra in (("vae", []), ("tiny", [f"distill.lpips_decoder={decoder}"])):
+        cfg = _cfg(str(tmp_path / "store"), "encode.encoder=vae", f"encode.vae={vae}", "distill.duration_nimg=8",
+                   "distill.log_nimg=8", *extra)  # one step
+        dag.run(cfg, until="distill", executor=InlineExecutor())
+        rows[name] = _rows(_artifact(cfg, "distill"))
+        assert len(rows[name]) == 1 and all(np.isfinite(v) for v in rows[name][0].values())
+    assert rows["vae"][0]["loss_dm"] == rows["tiny"][0]["loss_dm"]  # the same step but for LPIPS's decoder
+    assert rows["vae"][0]["loss_reg"] != rows["tiny"][0]["loss_reg"]

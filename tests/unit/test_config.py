@@ -39,6 +39,8 @@ def test_values_are_validated():
         C.load_config("ci", ["encode.source=imagefolder"])
     with pytest.raises(ValueError, match="executor"):
         C.load_config("ci", ["executor=slurm"])
+    with pytest.raises(ValueError, match="lpips_weights is set but distill.lpips_pretrained = false"):
+        C.load_config("ci", ["distill.lpips_weights=/w/alexnet.pth"])  # ci: a random backbone
 
 
 def test_unknown_preset_and_missing_file(tmp_path):

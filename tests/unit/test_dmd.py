@@ -9,6 +9,7 @@ import lpips
 import pytest
 import torch
 import torch.distributed as dist
+import torchvision
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
@@ -298,3 +299,24 @@ def test_lpips_download_failure_says_how_to_work_offline(
         load_lpips("alex")
     with pytest.raises(ValueError, match="unknown LPIPS network"):
         load_lpips("resnet")
+
+
+def test_lpips_backbone_from_a_weights_file_or_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    torch.manual_seed(3)
+    alexnet = torchvision.models.alexnet()  # random: the file layout of torchvision's ImageNet download
+    torch.save(alexnet.state_dict(), tmp_path / "alexnet-owt-7be5be79.pth")
+    random_backbone = load_lpips("alex", pretrained_backbone=False).net
+    for weights in (str(tmp_path / "alexnet-owt-7be5be79.pth"), f"file://{tmp_path}/alexnet-owt-7be5be79.pth"):
+        model = load_lpips("alex", weights=weights)
+        convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
+        expected = [m for m in alexnet.features if isinstance(m, torch.nn.Conv2d)]
+        assert len(convs) == len(expected) == 5
+        assert all(torch.equal(a.weight, b.weight) and torch.equal(a.bias, b.bias) for a, b in zip(convs, expected))
+        assert not torch.equal(model.net.slice1[0].weight, random_backbone.slice1[0].weight)
+        assert not any(p.requires_grad for p in model.parameters())
+    with pytest.raises(ValueError, match=r"lpips_weights = .*vgg16.*not torchvision's alex.*alexnet-owt"):
+        torch.save(torchvision.models.vgg16().state_dict(), tmp_path / "vgg16.pth")
+        load_lpips("alex", weights=str(tmp_path / "vgg16.pth"))
+    with pytest.raises(ValueError, match=r"lpips_weights = .*missing.pth"):
+        load_lpips("alex", weights=str(tmp_path / "missing.pth"))

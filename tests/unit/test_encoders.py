@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from pipeline import store
-from pipeline.data.encoders import RgbEncoder, VaeEncoder, make_encoder
-from helpers import save_tiny_vae
+from pipeline.data.encoders import RgbEncoder, VaeEncoder, lpips_decoder, make_encoder
+from helpers import save_tiny_decoder, save_tiny_vae
 
 # papers.md: SD VAE latent statistics; scale = 0.5/raw_std, bias = -raw_mean*scale.
 RAW_MEAN = np.array([5.81, 3.25, 0.12, -2.15])
@@ -113,3 +113,29 @@ def test_make_encoder() -> None:
     assert isinstance(vae, VaeEncoder) and (vae.stored_channels, vae.model_channels) == (8, 4)
     with pytest.raises(ValueError, match="unknown encoder 'bogus'"):
         make_encoder("bogus")
+
+
+def test_the_lighter_lpips_decoder_takes_sd_scaled_latents_and_is_differentiable(tiny_vae: str,
+                                                                                 tmp_path: Path) -> None:
+    from diffusers import AutoencoderTiny
+
+    decoder = save_tiny_decoder(tmp_path / "taesd")
+    enc = VaeEncoder(tiny_vae)
+    x = (0.5 * torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))).requires_grad_(True)
+    pixels = lpips_decoder(enc, decoder)(x)
+    scale = torch.tensor(0.5 / RAW_STD, dtype=torch.float32)[:, None, None]
+    z = x.detach() / scale + torch.tensor(RAW_MEAN, dtype=torch.float32)[:, None, None]  # the VAE's raw latents
+    with torch.no_grad():  # TAESD decodes SD's scaled latents, z * 0.18215, to what the VAE gives: [0, 1] here
+        expected = AutoencoderTiny.from_pretrained(decoder).decode(z * 0.18215).sample * 2 - 1
+    assert pixels.shape == (2, 3, 16, 16)
+    torch.testing.assert_close(pixels.detach(), expected)
+    pixels.square().sum().backward()
+    assert x.grad.abs().sum() > 0
+    assert lpips_decoder(enc, "") == enc.to_pixels  # by default the VAE's own decoder
+
+
+def test_the_lpips_decoder_needs_a_latent_model_and_a_loadable_folder(tiny_vae: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="lpips_decoder = .* is for latent models .* 'rgb'"):
+        lpips_decoder(RgbEncoder(), str(tmp_path))
+    with pytest.raises(ValueError, match=r"cannot load the LPIPS decoder .*--set distill.lpips_decoder=/path/to/taesd"):
+        lpips_decoder(VaeEncoder(tiny_vae), str(tmp_path / "missing"))
