@@ -426,7 +426,7 @@ def bench_pairs(a: argparse.Namespace) -> None:
         one = _pairs_rate(dataclasses.replace(job, artifact=store.Artifact(f"{tmp}/one"), cfg=cfg), 1)
         two = _pairs_rate(dataclasses.replace(job, artifact=store.Artifact(f"{tmp}/two"), cfg=cfg), 2)
     nfe = 2 * a.steps - 1
-    bound = a.batch / (_forward_seconds(net, a.batch, iters=5) * nfe)
+    bound = a.batch / (_forward_seconds(net, a.batch, iters=20) * nfe)
     what = f"demo net, {a.shards} shards x {a.pairs_per_shard}, {a.steps} steps, batch {a.batch}"
     table([(f"pairs/s, 1 worker ({what})", f"{one:.3g}", ""),
            ("pairs/s, 2 workers, same", f"{two:.3g}", ""),
