@@ -117,27 +117,45 @@ def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, 
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_a_step_makes_k_minus_1_fresh_fake_updates_then_one_on_gs_batch(storage, monkeypatch, k):
+def test_a_step_is_g_then_the_fake_score_on_gs_batch_then_k_minus_1_fresh_updates(storage, monkeypatch, k):
     from stages import distill as D
 
-    g_forwards, fake_inputs = [], []
-    forward, fake_update = OneStepGenerator.forward, D.fake_update
+    events, dm_inputs, fake_inputs = [], [], []
+    forward, dm_loss, fake_update, step = (OneStepGenerator.forward, D.distribution_matching_loss,
+                                           D.fake_update, D._step)
 
-    def counting_forward(self, z, labels=None):
-        g_forwards.append(len(z))
+    def recording_forward(self, z, labels=None):
+        events.append(f"G {len(z)}" + ("" if torch.is_grad_enabled() else " no grad"))
         return forward(self, z, labels)
 
+    def recording_dm_loss(x, *args, **kwargs):
+        events.append("DM loss")
+        dm_inputs.append(x.detach().clone())
+        return dm_loss(x, *args, **kwargs)
+
     def recording_fake_update(nets, model, args, batch, device, x=None, labels=None):
-        fake_inputs.append("G's batch" if x is not None else "fresh")
+        events.append("fake update on " + ("G's batch" if x is not None else "a fresh batch"))
+        if x is not None:
+            fake_inputs.append(x.clone())
         return fake_update(nets, model, args, batch, device, x, labels)
 
-    monkeypatch.setattr(OneStepGenerator, "forward", counting_forward)
-    monkeypatch.setattr(D, "fake_update", recording_fake_update)
+    def recording_step(*args):
+        events.append("step")
+        return step(*args)
+
+    for name, fn in (("distribution_matching_loss", recording_dm_loss), ("fake_update", recording_fake_update),
+                     ("_step", recording_step)):
+        monkeypatch.setattr(D, name, fn)
+    monkeypatch.setattr(OneStepGenerator, "forward", recording_forward)
     cfg = _cfg(storage, f"distill.fake_updates_per_gen={k}", "distill.duration_nimg=16", "distill.log_nimg=8")
     dag.run(cfg, until="distill", executor=InlineExecutor())
-    steps = 16 // 8
-    assert fake_inputs == (["fresh"] * (k - 1) + ["G's batch"]) * steps  # DMD: no second forward of G
-    assert g_forwards == ([8] * (k - 1) + [8 + 8]) * steps  # fresh batches, then DM and pair batches in one
+    # DMD: one forward of G for the DM and pair batches (8 + 8), G's step with the fake score as it was,
+    # then the fake score on that same batch; DMD2's extra fake updates each on a fresh batch of G
+    one_step = ["G 16", "DM loss", "step", "fake update on G's batch", "step",
+                *["fake update on a fresh batch", "G 8 no grad", "step"] * (k - 1)]
+    assert events == one_step * 2
+    assert len(fake_inputs) == len(dm_inputs) == 2
+    assert all(torch.equal(a, b) for a, b in zip(fake_inputs, dm_inputs))
 
 
 def test_a_latent_model_distills_with_the_vae_or_the_lighter_lpips_decoder(tmp_path):
