@@ -192,9 +192,10 @@ def init_ray() -> None:
             raise ValueError(f"cannot reach the Ray cluster at RAY_ADDRESS={address!r}: {e}. "
                              "Unset RAY_ADDRESS to start a local instance, or fix the address.") from e
         return
-    # the dashboard serves the state API, which Ray Train's placement-group cleaner polls (without it,
-    # a warning every few seconds of training); on loopback, on 8265 or the next free port
-    ray.init(_node_ip_address="127.0.0.1", include_dashboard=True, logging_level=logging.WARNING)
+    # the dashboard (None: started where ray[default] is installed) serves the state API, which Ray
+    # Train's placement-group cleaner polls, warning every few seconds without it; on loopback,
+    # on 8265 or the next free port
+    ray.init(_node_ip_address="127.0.0.1", include_dashboard=None, logging_level=logging.WARNING)
 
 
 def _apply(fn: Callable[[Any], Any], item: Any) -> Any:

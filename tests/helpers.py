@@ -103,13 +103,14 @@ def save_tiny_vae(path: Path) -> str:
 
 
 def save_tiny_decoder(path: Path) -> str:
-    """A random AutoencoderTiny (TAESD's architecture, 4 latent channels) that upsamples by 2, saved offline."""
+    """A random AutoencoderTiny (TAESD's architecture, 4 latent channels) that upsamples by 2, saved
+    offline; its scaling_factor is 0.5 (TAESD's is 1) so that a test can tell where it goes."""
     import torch
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(0)
     AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(path)
+                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1), scaling_factor=0.5).save_pretrained(path)
     return str(path)
 
 

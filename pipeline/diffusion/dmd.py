@@ -180,9 +180,13 @@ def _load_backbone(backbone: nn.Module, weights: str, net: str, url: str) -> Non
     as their module names ("slice2.3.weight" is "features.3.weight")."""
     try:
         path = store.cached_copy(weights, "lpips") if "://" in weights else os.path.expanduser(weights)
+    except Exception as err:  # no such object, no credentials, an unknown protocol
+        raise ValueError(f"cannot read distill.lpips_weights = {store.redact(weights)!r} "
+                         f"({type(err).__name__}: {err})") from err
+    try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         backbone.load_state_dict({k: state[f"features.{k.split('.', 1)[1]}"] for k in backbone.state_dict()})
-    except Exception as err:  # missing file, not a state dict, another network's tensors
+    except Exception as err:  # a missing local file, not a state dict, another network's tensors
         raise ValueError(
             f"distill.lpips_weights = {store.redact(weights)!r} is not torchvision's {net} ImageNet file "
             f"({type(err).__name__}: {err}): it should be a path or URL of {url.rsplit('/', 1)[1]} from {url}"

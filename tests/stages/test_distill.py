@@ -117,7 +117,7 @@ def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, 
 
 
 @pytest.mark.parametrize("k", [1, 3])
-def test_a_step_is_g_then_the_fake_score_on_gs_batch_then_k_minus_1_fresh_updates(storage, monkeypatch, k):
+def test_a_step_is_k_minus_1_fresh_fake_updates_then_one_on_gs_batch_then_g(storage, monkeypatch, k):
     from stages import distill as D
 
     events, dm_inputs, fake_inputs = [], [], []
@@ -149,10 +149,10 @@ def test_a_step_is_g_then_the_fake_score_on_gs_batch_then_k_minus_1_fresh_update
     monkeypatch.setattr(OneStepGenerator, "forward", recording_forward)
     cfg = _cfg(storage, f"distill.fake_updates_per_gen={k}", "distill.duration_nimg=16", "distill.log_nimg=8")
     dag.run(cfg, until="distill", executor=InlineExecutor())
-    # DMD: one forward of G for the DM and pair batches (8 + 8), G's step with the fake score as it was,
-    # then the fake score on that same batch; DMD2's extra fake updates each on a fresh batch of G
-    one_step = ["G 16", "DM loss", "step", "fake update on G's batch", "step",
-                *["fake update on a fresh batch", "G 8 no grad", "step"] * (k - 1)]
+    # DMD2's extra fake updates, each on a fresh batch of G; one forward of G for the DM and pair batches
+    # (8 + 8); the fake score learns from that DM batch; then G's DM loss (with that fake score) and step
+    one_step = [*["fake update on a fresh batch", "G 8 no grad", "step"] * (k - 1),
+                "G 16", "fake update on G's batch", "step", "DM loss", "step"]
     assert events == one_step * 2
     assert len(fake_inputs) == len(dm_inputs) == 2
     assert all(torch.equal(a, b) for a, b in zip(fake_inputs, dm_inputs))

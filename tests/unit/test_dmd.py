@@ -320,3 +320,5 @@ def test_lpips_backbone_from_a_weights_file_or_url(tmp_path: Path, monkeypatch: 
         load_lpips("alex", weights=str(tmp_path / "vgg16.pth"))
     with pytest.raises(ValueError, match=r"lpips_weights = .*missing.pth"):
         load_lpips("alex", weights=str(tmp_path / "missing.pth"))
+    with pytest.raises(ValueError, match=r"cannot read distill.lpips_weights = 'memory://nowhere/alexnet.pth'"):
+        load_lpips("alex", weights="memory://nowhere/alexnet.pth")

@@ -125,8 +125,9 @@ def test_the_lighter_lpips_decoder_takes_sd_scaled_latents_and_is_differentiable
     pixels = lpips_decoder(enc, decoder)(x)
     scale = torch.tensor(0.5 / RAW_STD, dtype=torch.float32)[:, None, None]
     z = x.detach() / scale + torch.tensor(RAW_MEAN, dtype=torch.float32)[:, None, None]  # the VAE's raw latents
-    with torch.no_grad():  # TAESD decodes SD's scaled latents, z * 0.18215, to what the VAE gives: [0, 1] here
-        expected = AutoencoderTiny.from_pretrained(decoder).decode(z * 0.18215).sample * 2 - 1
+    with torch.no_grad():  # SD's scaled latents z * 0.18215, over the decoder's own scaling_factor (0.5),
+        # decode to what the VAE gives: [0, 1] here, as EDM2 feeds the VAE
+        expected = AutoencoderTiny.from_pretrained(decoder).decode(z * 0.18215 / 0.5).sample * 2 - 1
     assert pixels.shape == (2, 3, 16, 16)
     torch.testing.assert_close(pixels.detach(), expected)
     pixels.square().sum().backward()
