@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pipeline import config as C  # noqa: E402
 from pipeline import dag, store  # noqa: E402
 from pipeline.data.encoders import (DEFAULT_VAE, RAW_MEAN, RAW_STD, RgbEncoder, VaeEncoder,  # noqa: E402
-                                    encoder_from_info)
+                                    encoder_from_info, lpips_decoder)
 from pipeline.data.shards import reader, shard_name, write_shard  # noqa: E402
 from pipeline.diffusion.dmd import (distribution_matching_loss, fake_score_loss, load_lpips,  # noqa: E402
                                    lpips_regression_loss)
@@ -501,10 +501,11 @@ def bench_distill(a: argparse.Namespace) -> None:
         nets = D.build_nets(args, cpu)
     cfg = args.cfg
     lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights)
-    encoder, pairs = encoder_from_info(args.encoder), _pair_batches(nets.real, cfg.reg_batch)
+    to_pixels = lpips_decoder(encoder_from_info(args.encoder), cfg.lpips_decoder)  # as distill's train_loop
+    pairs = _pair_batches(nets.real, cfg.reg_batch)
 
     def step() -> None:
-        D.train_step(nets, nets.generator, nets.fake, pairs, encoder.to_pixels, lpips, args, cfg.batch, cpu)
+        D.train_step(nets, nets.generator, nets.fake, pairs, to_pixels, lpips, args, cfg.batch, cpu)
 
     passes = _distill_passes(nets, lpips, args)
     times = _round_seconds([step, *(fn for _, _, fn in passes)], warmup=1, iters=a.iters)  # [iters, 1 + passes]
