@@ -93,7 +93,8 @@ def parse_seeds(text: str | None, num: int) -> list[int]:
 def cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from stages.evaluate import grid_png, sample_model
+    from pipeline.report import grid_png
+    from stages.evaluate import sample_model
 
     cfg = load(args)
     store.check_storage(cfg.storage)
@@ -148,9 +149,13 @@ def report_line(cfg: C.Config, plan: dag.Plan) -> str:
     if manifest is None:
         return ""
     out = manifest["outputs"]
-    return (f"report: {store.redact(report.path('report.md'))} (and report.html): the one-step student's "
-            f"{out['metric']} is {out['student_fd_over_best_teacher']:.2f}x the best teacher variant's "
+    line = (f"report: {store.redact(report.path('report.md'))} (and report.html): the one-step student's "
+            f"{out['metric']} is {out['student_over_best_teacher']:.2f}x the best teacher variant's "
             f"(sigma_rel {out['best_sigma_rel']})")
+    if out["student_class_accuracy"] is not None:
+        line += (f"; class accuracy: student {out['student_class_accuracy']:.1%}, "
+                 f"best teacher {out['best_teacher_class_accuracy']:.1%}")
+    return line
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -124,14 +124,47 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True)
-class RefstatsConfig:
-    """Reference statistics for FID: Inception features of the dataset (or a published npz)."""
+class ProbeConfig:
+    """A small classifier trained on the dataset: the feature network of the offline metrics."""
 
-    stats: str = ""  # URL of a reference npz (mu, sigma) to use instead of computing them
-    # Inception for refstats AND evaluate: "clean-fid" (downloaded by clean-fid on first use),
-    # a path/URL of the TorchScript weights file (offline clusters), or "random" (fixed random
-    # weights: the number is then "FD (random-weight Inception)", never FID; demo/ci only).
-    inception_weights: str = "clean-fid"
+    enabled: bool = True  # false: evaluate without the probe's metrics (e.g. a dataset of one class)
+    num_images: int = 0  # the first N samples of the dataset (0 = all)
+    holdout: float = 0.1  # fraction held out, by dataset index: held-out accuracy and evaluate's real row
+    resolution: int = 0  # the classifier's input size; 0 = the images' own
+    channels: tuple[int, ...] = (32, 64, 128)  # per level, two 3x3 convolutions each
+    feature_dim: int = 128  # penultimate features (fd_probe, precision/recall)
+    epochs: int = 20
+    batch: int = 128
+    lr: float = 2e-3  # AdamW, cosine decay
+    weight_decay: float = 5e-4
+    ref_images: int = 10000  # training-split features kept as precision/recall's real manifold
+    num_cpus: float = throughput(1.0)  # per task (training is one task)
+    num_gpus: float = throughput(0.0)
+
+    def __post_init__(self) -> None:
+        _check_positive("probe", epochs=self.epochs, batch=self.batch, lr=self.lr, feature_dim=self.feature_dim,
+                        ref_images=self.ref_images, num_cpus=self.num_cpus)
+        if not 0 < self.holdout < 1:
+            raise ValueError(f"probe.holdout = {self.holdout}: must be in (0, 1)")
+        if self.num_images < 0 or self.resolution < 0:
+            raise ValueError("probe.num_images and probe.resolution must be >= 0 (0 = all / the images' own size)")
+        if not self.channels:
+            raise ValueError("probe.channels is empty: name at least one level's width")
+
+
+@dataclass(frozen=True)
+class RefstatsConfig:
+    """Reference statistics of pretrained feature networks: Inception (FID) and DINOv2 (FD_DINOv2)."""
+
+    stats: str = ""  # URL of a reference npz (mu, sigma) of Inception to use instead of computing them
+    # Inception for refstats AND evaluate: "auto" (clean-fid's download; skipped, and said so, if it
+    # cannot be had), "clean-fid" (the same, but an error if it cannot), a path/URL of the TorchScript
+    # file (offline clusters), "random" (fixed random weights: "FD (random-weight Inception)", never
+    # FID), or "" (no FID).
+    inception_weights: str = "auto"
+    # DINOv2 ViT-L/14 for FD_DINOv2: "auto" (the hub; skipped, and said so, if it cannot be had),
+    # "hub" (an error if it cannot), a path/URL of model.safetensors or dinov2_vitl14_pretrain.pth, or "".
+    dinov2_weights: str = "auto"
     num_images: int = 0  # 0: every sample of the dataset
     batch: int = throughput(64)
     images_per_task: int = throughput(1000)  # a task takes a range of at most this many samples of one shard
@@ -142,6 +175,11 @@ class RefstatsConfig:
         _check_positive("refstats", batch=self.batch, images_per_task=self.images_per_task)
         if self.num_images < 0:
             raise ValueError("refstats.num_images must be >= 0 (0 = the whole dataset)")
+        if self.stats and self.inception_weights in ("", "random"):
+            raise ValueError(f"refstats.stats holds statistics of the real Inception, which cannot be compared with "
+                             f"refstats.inception_weights={self.inception_weights!r}: set "
+                             "refstats.inception_weights=clean-fid (or a path of inception-2015-12-05.pt), or leave "
+                             "refstats.stats empty")
 
 
 @dataclass(frozen=True)
@@ -231,19 +269,23 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """FID of every phema variant (multi-step sampler) and, later, the one-step student."""
+    """Every phema variant (multi-step sampler), the one-step student and held-out real images,
+    on the same seeds: probe metrics, FID and FD_DINOv2 where refstats has them, per-class grids."""
 
-    num_images: int = 50000  # generated images per model
+    num_images: int = 50000  # generated images per model (and held-out real images, at most)
     num_steps: int = 32  # Heun steps for the teacher variants (2N-1 evaluations)
-    grid_images: int = 64  # sample grid per model (fixed seeds, the same for every model)
+    grid_rows: int = 10  # classes shown in the grids, one per row (spread over the dataset's classes)
+    grid_columns: int = 8  # samples per row, beside as many real images of the class
     images_per_task: int = throughput(1000)
     batch: int = throughput(64)
     num_cpus: float = throughput(1.0)
     num_gpus: float = throughput(0.0)
 
     def __post_init__(self) -> None:
-        _check_positive("eval", num_images=self.num_images, num_steps=self.num_steps,
-                        images_per_task=self.images_per_task, batch=self.batch)
+        _check_positive("eval", num_images=self.num_images, num_steps=self.num_steps, grid_rows=self.grid_rows,
+                        grid_columns=self.grid_columns, images_per_task=self.images_per_task, batch=self.batch)
+        if self.num_images < 2:
+            raise ValueError(f"eval.num_images = {self.num_images}: the metrics need at least 2 images per model")
 
 
 @dataclass(frozen=True)
@@ -257,6 +299,7 @@ class Config:
     seed: int = 0
     max_in_flight: int = throughput(64)  # Ray tasks submitted at once per map
     encode: EncodeConfig = field(default_factory=EncodeConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     refstats: RefstatsConfig = field(default_factory=RefstatsConfig)
     phema: PhemaConfig = field(default_factory=PhemaConfig)

@@ -30,6 +30,7 @@ log = logging.getLogger("onestep")
 # Stage name -> (module, config section), in a topological order (each after its upstream).
 STAGE_MODULES: dict[str, tuple[str, str]] = {
     "encode": ("stages.encode", "encode"),
+    "probe": ("stages.probe", "probe"),
     "refstats": ("stages.refstats", "refstats"),
     "teacher": ("stages.teacher", "teacher"),
     "phema": ("stages.phema", "phema"),

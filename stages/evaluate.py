@@ -1,236 +1,379 @@
-"""evaluate: FID of every model, fanned out as Ray tasks over (model, seed range), and a report.
+"""evaluate: every model on the same seeds, fanned out as Ray tasks over (model, seed range), and a report.
 
     onestep run --config ci --until evaluate --storage /tmp/onestep
 
-Every teacher variant made by phema is sampled with the EDM Heun sampler (`eval.num_steps`).
-Sample i of every model uses seed i, so the sample grids compare models on the same noise.
-Each task returns float64 feature sums; the driver reduces them and computes the Fréchet
-distance to the refstats statistics. With a random-weight Inception (demo/ci presets) the
-number is reported as "FD (random-weight Inception)", never as FID.
+The models: every teacher variant made by phema (EDM Heun sampler, `eval.num_steps`), the one-step
+student, and the probe's held-out real images as the ceiling row. Sample i of every model uses
+seed i. Each task returns the probe's features and predictions of its images, and float64 feature
+sums in each pretrained network that refstats has statistics for; the driver reduces them into one
+table, `results.json` (pipeline/report.py: fd_probe, class_accuracy, precision, recall,
+fd_inception, fd_dinov2), and writes the report: the table, the metrics against sigma_rel, the
+training curves and a grid per model with one class per row, real images beside.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
-from pipeline import store
+from pipeline import report, store
 from pipeline.config import EvalConfig
 from pipeline.dag import StageContext
-from pipeline.data.encoders import encoder_from_info
+from pipeline.data.encoders import decode_images, encoder_from_info
+from pipeline.data.shards import read_samples
 from pipeline.diffusion.dmd import OneStepGenerator
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import Resources
-from pipeline.metrics.fid import FeatureStats, frechet_distance, load_inception, worker_inception
+from pipeline.metrics.features import load_network, worker_network
+from pipeline.metrics.fid import FeatureStats, frechet_distance
+from pipeline.metrics.precision_recall import precision_recall
+from pipeline.metrics.probe import ProbeFeatures
 from pipeline.store import Artifact
-from pipeline.training import load_network
+from pipeline.training import load_network as load_denoiser
+from pipeline.training import mix_seed
+from stages.probe import load_probe, read_split
 
-VERSION = "1"
-UPSTREAM = ("encode", "refstats", "phema", "distill")
+VERSION = "2"  # 2: the probe's metrics, the real row, several feature networks, per-class grids
+UPSTREAM = ("encode", "probe", "refstats", "teacher", "phema", "distill")
 
 
 @dataclass(frozen=True)
 class Model:
-    """One model to evaluate: network weights in an artifact and how to sample from it."""
+    """One row of the table: a network to sample (weights in an artifact), or held-out real images."""
 
-    name: str
-    artifact: Artifact
+    name: str  # teacher | student | real
+    artifact: Artifact | None
     weights: str  # file in the artifact
     sigma_rel: float | None
-    num_steps: int  # Heun steps; 0 = one-step generator
+    num_steps: int  # Heun steps of a teacher; 1 for the one-step student; 0 for real images
+
+    @property
+    def label(self) -> str:
+        if self.name == "teacher":
+            return f"teacher sigma_rel={self.sigma_rel:.3f}"
+        return {"student": "student (1 step)", "real": "real (held-out)"}[self.name]
+
+    @property
+    def nfe(self) -> int:
+        return {"teacher": 2 * self.num_steps - 1, "student": 1, "real": 0}[self.name]
 
     @property
     def config_name(self) -> str:
         """The network's config file in the artifact: `student.json` or `network.json`."""
-        return "student" if self.num_steps == 0 else "network"
-
-    @property
-    def nfe(self) -> int:
-        return 2 * self.num_steps - 1 if self.num_steps else 1
+        return "student" if self.name == "student" else "network"
 
 
 @dataclass(frozen=True)
 class EvalJob:
-    """What every task shares (picklable, small)."""
+    """What every task shares (picklable, small but for the held-out list)."""
 
     models: list[Model]
     encoder: dict[str, Any]
-    inception_weights: str
+    networks: dict[str, str]  # pretrained feature network -> weights (from refstats)
+    probe: Artifact | None
+    heldout: dict[str, np.ndarray]  # the real row's samples, in order: shard, position, index, label
+    shard_urls: list[str]
+    grid_classes: list[int | None]  # one grid row each (None: an unconditional row)
+    grid_columns: int
     batch: int
-    grid_images: int
+    seed: int
     device: str
 
 
 def generate(model: Model, net: torch.nn.Module, seeds: list[int], encoder: Any, device: str,
-             classes: list[int] | None = None) -> np.ndarray:
-    """uint8 images [B, H, W, 3] for these seeds (noise and label from each seed's generator;
-    `classes`, if given, replaces the labels)."""
+             classes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(uint8 images [B, H, W, 3], labels [B] or None) for these seeds: noise and label from each
+    seed's generator; `classes`, if given, replaces the labels."""
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     noise, labels = seeded_noise(seeds, shape, net.num_classes, device)
     if classes is not None and labels is not None:
         labels = torch.tensor(classes, device=device)
     with torch.no_grad():
-        if model.num_steps:
+        if model.name == "teacher":
             x = edm_sampler(net, noise, labels, num_steps=model.num_steps)
         else:  # the one-step student: G(z) = D(sigma_max z, sigma_max)
             x = OneStepGenerator(net)(noise, labels)
-    return encoder.decode(x)
+    return encoder.decode(x), None if labels is None else labels.cpu().numpy()
+
+
+def real_images(job: EvalJob, start: int, stop: int, encoder: Any) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Held-out real images [start, stop) of the probe's split, shard by shard: (uint8 images, labels)."""
+    rows = {k: v[start:stop] for k, v in job.heldout.items()}
+    for shard in np.unique(rows["shard"]):
+        wanted = set(rows["index"][rows["shard"] == shard].tolist())
+        _, positions, stored, labels = read_samples(job.shard_urls[shard], wanted)
+        seeds = [mix_seed(job.seed, int(shard), int(p)) for p in positions]  # as the probe decoded them
+        for lo in range(0, len(stored), job.batch):
+            images = decode_images(encoder, torch.from_numpy(stored[lo:lo + job.batch]).to(job.device),
+                                   seeds[lo:lo + job.batch])
+            yield images, labels[lo:lo + job.batch]
+
+
+@lru_cache(maxsize=2)
+def worker_probe(probe: Artifact, device: str) -> ProbeFeatures:
+    """The trained probe, loaded once per process."""
+    return ProbeFeatures(load_probe(probe), device)
+
+
+class Tally:
+    """What a task accumulates over its images: the probe's features and hits, and feature sums."""
+
+    def __init__(self, job: EvalJob) -> None:
+        self.probe = worker_probe(job.probe, job.device) if job.probe else None
+        self.nets = {name: worker_network(name, weights, job.device) for name, weights in job.networks.items()}
+        self.stats = {name: FeatureStats(net.dim) for name, net in self.nets.items()}
+        self.features: list[np.ndarray] = []
+        self.count = self.correct = self.labelled = 0
+
+    def add(self, images: np.ndarray, labels: np.ndarray | None) -> None:
+        self.count += len(images)
+        if self.probe is not None:
+            features, predicted = self.probe.embed(images)
+            self.features.append(features.astype(np.float32))
+            if labels is not None:
+                self.correct += int((predicted == labels).sum())
+                self.labelled += len(labels)
+        for name, net in self.nets.items():
+            self.stats[name].add(net.features(images))
+
+    def result(self) -> dict[str, Any]:
+        features = np.concatenate(self.features) if self.features else None
+        return {"count": self.count, "features": features, "correct": self.correct, "labelled": self.labelled,
+                "stats": {name: s.to_dict() for name, s in self.stats.items()}}
+
+
+def _model_grid(job: EvalJob, model: Model, net: torch.nn.Module, encoder: Any) -> list[list[np.ndarray]]:
+    """One row per grid class: seeds 0..columns-1 with the label set to that class (the same noise
+    in every row), or for unconditional models, the next `columns` seeds."""
+    rows = []
+    for r, c in enumerate(job.grid_classes):
+        seeds = list(range(job.grid_columns)) if c is not None else list(range(r * job.grid_columns, (r + 1) * job.grid_columns))
+        images, _ = generate(model, net, seeds, encoder, job.device, None if c is None else [c] * len(seeds))
+        rows.append(list(images))
+    return rows
+
+
+def _keep_grid_images(images: np.ndarray, labels: np.ndarray, job: EvalJob, found: dict[Any, list[np.ndarray]]) -> None:
+    """Keep real images for the grids: up to `grid_columns` of each grid class (unconditional: any
+    class, a whole grid's worth under the key None)."""
+    conditional = job.grid_classes[0] is not None
+    limit = job.grid_columns if conditional else job.grid_columns * len(job.grid_classes)
+    for image, label in zip(images, labels):
+        key = int(label) if conditional else None
+        if key in job.grid_classes and len(found.setdefault(key, [])) < limit:
+            found[key].append(image)
 
 
 def evaluate_range(job: EvalJob, item: tuple[int, int, int]) -> dict[str, Any]:
-    """Feature sums of one model over seeds [start, stop), and its grid images among them."""
+    """One model's images [start, stop): the tally, its grid (first task of a generated model) or
+    the real images of the grid classes among them, and the task's time."""
     index, start, stop = item
     model = job.models[index]
     begin = time.perf_counter()
-    net = load_network(model.artifact, model.config_name, model.weights).to(job.device)
     encoder = encoder_from_info(job.encoder, job.device)
-    inception = worker_inception(job.inception_weights, job.device)
-    stats, grid = FeatureStats(inception.dim), []
-    for lo in range(start, stop, job.batch):
-        seeds = list(range(lo, min(lo + job.batch, stop)))
-        images = generate(model, net, seeds, encoder, job.device)
-        stats.add(inception.features(images))
-        grid += [img for seed, img in zip(seeds, images) if seed < job.grid_images]
-    return {"model": index, "stats": stats.to_dict(), "grid": grid, "seconds": time.perf_counter() - begin}
+    tally, grid, real = Tally(job), None, {}
+    if model.name == "real":
+        for images, labels in real_images(job, start, stop, encoder):
+            tally.add(images, labels)
+            _keep_grid_images(images, labels, job, real)
+    else:
+        net = load_denoiser(model.artifact, model.config_name, model.weights).to(job.device)
+        for lo in range(start, stop, job.batch):
+            tally.add(*generate(model, net, list(range(lo, min(lo + job.batch, stop))), encoder, job.device))
+        grid = _model_grid(job, model, net, encoder) if start == 0 else None
+    return {"model": index, **tally.result(), "grid": grid, "real": real, "seconds": time.perf_counter() - begin}
 
 
 def _teacher_models(phema: Artifact, num_steps: int) -> list[Model]:
     variants = phema.manifest()["outputs"]["variants"]
-    return [Model(f"teacher sigma_rel={v['sigma_rel']:.3f}", phema, v["file"], v["sigma_rel"], num_steps)
+    return [Model("teacher", phema, v["file"], v["sigma_rel"], num_steps)
             for v in sorted(variants, key=lambda v: v["sigma_rel"])]
 
 
-def _items(num_models: int, cfg: EvalConfig) -> list[tuple[int, int, int]]:
-    return [(m, lo, min(lo + cfg.images_per_task, cfg.num_images))
-            for m in range(num_models) for lo in range(0, cfg.num_images, cfg.images_per_task)]
+def _items(counts: list[int], per_task: int) -> list[tuple[int, int, int]]:
+    return [(m, lo, min(lo + per_task, n)) for m, n in enumerate(counts) for lo in range(0, n, per_task)]
 
 
-def grid_png(images: list[np.ndarray]) -> bytes:
-    """A square-ish grid of equally sized uint8 images as PNG bytes."""
-    cols = int(np.ceil(np.sqrt(len(images))))
-    rows = int(np.ceil(len(images) / cols))
-    h, w, _ = images[0].shape
-    canvas = np.full((rows * h, cols * w, 3), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, c = divmod(i, cols)
-        canvas[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
-    buf = io.BytesIO()
-    Image.fromarray(canvas).save(buf, format="PNG")
-    return buf.getvalue()
+def grid_classes(num_classes: int, rows: int) -> list[int | None]:
+    """Up to `rows` classes spread evenly over the dataset's (all None for an unconditional model)."""
+    if num_classes == 0:
+        return [None] * rows
+    return sorted({int(round(c)) for c in np.linspace(0, num_classes - 1, min(rows, num_classes))})
 
 
-def _plot(rows: list[dict[str, Any]], metric: str) -> bytes:
-    import matplotlib
+@dataclass(frozen=True)
+class References:
+    """What the driver compares each model with: the probe's training-set features and the refstats."""
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    probe_mu: np.ndarray | None
+    probe_sigma: np.ndarray | None
+    probe_features: np.ndarray | None  # [n, D] precision/recall's real manifold
+    stats: dict[str, tuple[np.ndarray, np.ndarray]]  # network -> (mu, sigma)
 
-    teacher = [r for r in rows if r["sigma_rel"] is not None]
-    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
-    ax.plot([r["sigma_rel"] for r in teacher], [r["fd"] for r in teacher], "o-", label="teacher (post-hoc EMA)")
+
+def _npz(artifact: Artifact, name: str) -> dict[str, np.ndarray]:
+    with artifact.open(name) as f:
+        return dict(np.load(io.BytesIO(f.read())))
+
+
+def _references(probe: Artifact | None, refstats: Artifact, networks: dict[str, Any]) -> References:
+    ref = _npz(probe, "reference.npz") if probe else {}
+    stats = {}
+    for name, info in networks.items():
+        npz = _npz(refstats, info["file"])
+        stats[name] = (npz["mu"], npz["sigma"])
+    return References(ref.get("mu"), ref.get("sigma"), ref.get("features"), stats)
+
+
+def _probe_metrics(results: list[dict[str, Any]], refs: References) -> dict[str, float | None]:
+    features = np.concatenate([r["features"] for r in results]).astype(np.float64)
+    stats = FeatureStats(features.shape[1])
+    stats.add(features)
+    labelled = sum(r["labelled"] for r in results)
+    reference = refs.probe_features[:len(features)]
+    precision, recall = precision_recall(reference, features[:len(reference)])
+    return {"fd_probe": frechet_distance(stats.mean(), stats.cov(), refs.probe_mu, refs.probe_sigma),
+            "class_accuracy": sum(r["correct"] for r in results) / labelled if labelled else None,
+            "precision": precision, "recall": recall}
+
+
+def score(model: Model, results: list[dict[str, Any]], refs: References) -> dict[str, Any]:
+    """One model's row: every metric (None where it is not computed), count and task time."""
+    row: dict[str, Any] = {"model": model.name, "label": model.label, "sigma_rel": model.sigma_rel,
+                           "steps": model.num_steps, "nfe": model.nfe}
+    row.update(dict.fromkeys(report.METRICS))
+    if refs.probe_mu is not None:
+        row.update(_probe_metrics(results, refs))
+    for name, (mu, sigma) in refs.stats.items():
+        stats = sum((FeatureStats.from_dict(r["stats"][name]) for r in results[1:]),
+                    FeatureStats.from_dict(results[0]["stats"][name]))
+        row[f"fd_{name}"] = frechet_distance(stats.mean(), stats.cov(), mu, sigma)
+    row["count"] = sum(r["count"] for r in results)
+    row["seconds"] = round(sum(r["seconds"] for r in results), 2)
+    return row
+
+
+def _heldout(probe: Artifact, num_images: int) -> dict[str, np.ndarray]:
+    """The first `num_images` held-out samples of the probe's split, in index order."""
+    split = read_split(probe)
+    keep = split.column("holdout").to_numpy(zero_copy_only=False)
+    return {k: split.column(k).to_numpy()[keep][:num_images] for k in ("shard", "position", "index", "label")}
+
+
+def _real_rows(job: EvalJob, results: list[dict[str, Any]]) -> list[list[np.ndarray]]:
+    """The real images beside every grid: per grid class in task order (unconditional: rows of any class)."""
+    found: dict[Any, list[np.ndarray]] = {}
+    for r in results:
+        for key, images in r["real"].items():
+            found.setdefault(key, []).extend(images)
+    if job.grid_classes[0] is None:
+        flat, cols = found.get(None, []), job.grid_columns
+        return [flat[i:i + cols] for i in range(0, len(flat), cols)][:len(job.grid_classes)]
+    return [found.get(c, [])[:job.grid_columns] for c in job.grid_classes]
+
+
+def _write_grids(artifact: Artifact, job: EvalJob, rows: list[dict[str, Any]], results: list[dict[str, Any]]) -> None:
+    real = _real_rows(job, [r for r in results if job.models[r["model"]].name == "real"])
+    for i, (row, model) in enumerate(zip(rows, job.models)):
+        row["grid"] = f"grids/{i:02d}-{model.name}.png"
+        if model.name == "real":
+            png = report.class_grid_png(real)
+        else:
+            [grid] = [r["grid"] for r in results if r["model"] == i and r["grid"] is not None]
+            png = report.class_grid_png(grid, real)
+        with artifact.open(row["grid"], "wb") as f:
+            f.write(png)
+
+
+def _summary(rows: list[dict[str, Any]], metric: str) -> tuple[dict[str, Any], list[str]]:
+    """(the best teacher row by `metric`, the report's summary sentences)."""
+    title = report.METRICS[metric][0]
+    best = min((r for r in rows if r["model"] == "teacher"), key=lambda r: r[metric])
+    lines = [f"Best teacher EMA length by {title}: **sigma_rel = {best['sigma_rel']:.3f}** ({title} {best[metric]:.3f})."]
     for r in rows:
-        if r["sigma_rel"] is None:
-            ax.axhline(r["fd"], color="tab:red", linestyle="--", label=r["name"])
-    ax.set_xlabel("EMA length sigma_rel")
-    ax.set_ylabel(metric)
-    ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+        if r["model"] == "student":
+            lines.append(f"The one-step student's {title} is **{r[metric] / best[metric]:.2f}x** the best teacher's "
+                         f"({r['nfe']} vs {best['nfe']} network evaluations).")
+        if r["model"] != "teacher" and r["class_accuracy"] is not None:
+            lines.append(f"Class accuracy: {r['label']} {r['class_accuracy']:.1%}, best teacher "
+                         f"{best['class_accuracy']:.1%}." if best["class_accuracy"] is not None else "")
+    return best, [line for line in lines if line]
 
 
-def _sigma(row: dict[str, Any]) -> str:
-    return "-" if row["sigma_rel"] is None else f"{row['sigma_rel']:.3f}"
+def _notes(cfg: EvalConfig, probe: dict[str, Any], refstats: dict[str, Any], real_count: int) -> list[str]:
+    notes = [f"{cfg.num_images} generated images per model (seed i is image i of every model)."]
+    if probe.get("enabled"):
+        notes.append(f"Probe metrics: the features of a classifier trained on the dataset (held-out accuracy "
+                     f"{probe['holdout_accuracy']:.1%}, chance {probe['chance_accuracy']:.1%}) against its "
+                     f"{probe['train_images']} training images; the real row is {real_count} held-out images."
+                     " Precision and recall: k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019).")
+    for name, info in refstats["networks"].items():
+        random = " The Inception network has fixed RANDOM weights: not FID, comparable only with itself." if info["random"] else ""
+        notes.append(f"{info['metric_name']} against {info['count'] or 'published'} reference statistics ({info['source']}).{random}")
+    notes += [f"{name}: not computed ({why})." for name, why in refstats["skipped"].items()]
+    return notes
 
 
-def _report_md(rows: list[dict[str, Any]], metric: str, best: dict[str, Any], note: str) -> str:
-    lines = ["# onestep evaluation\n", note, "",
-             f"| model | sigma_rel | steps | NFE | {metric} | time (s) |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {_sigma(r)} | {r['steps']} | {r['nfe']} | {r['fd']:.3f} | {r['seconds']:.1f} |"
-              for r in rows]
-    lines += ["", f"Best teacher EMA length: **sigma_rel = {best['sigma_rel']:.3f}** ({metric} {best['fd']:.3f})."]
-    lines += [f"The one-step student's {metric} is **{r['fd'] / best['fd']:.2f}x** the best teacher's "
-              f"({r['nfe']} vs {best['nfe']} network evaluations)." for r in rows if r["sigma_rel"] is None]
-    lines += ["", f"![{metric} against sigma_rel](fd_vs_sigma_rel.png)", "",
-              "## Samples (the same seeds for every model)", ""]
-    lines += [f"### {r['name']}\n\n![{r['name']}]({r['grid']})\n" for r in rows]
-    return "\n".join(lines)
+def _models(cfg: EvalConfig, inputs: dict[str, Artifact], real: bool) -> list[Model]:
+    models = [*_teacher_models(inputs["phema"], cfg.num_steps),
+              Model("student", inputs["distill"], "student.safetensors", None, 1)]
+    return models + ([Model("real", None, "", None, 0)] if real else [])
 
 
-def _report_html(rows: list[dict[str, Any]], metric: str, best: dict[str, Any], note: str) -> str:
-    body = "".join("<tr>" + "".join(f"<td>{v}</td>" for v in (
-        r["name"], _sigma(r), r["steps"], r["nfe"], f"{r['fd']:.3f}", f"{r['seconds']:.1f}")) + "</tr>" for r in rows)
-    head = "".join(f"<th>{h}</th>" for h in ("model", "sigma_rel", "steps", "NFE", metric, "time (s)"))
-    grids = "".join(f"<figure><img src='{r['grid']}' width='256'><figcaption>{r['name']}</figcaption></figure>"
-                    for r in rows)
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>onestep evaluation</title>"
-            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}td,th{padding:.2em .8em}"
-            "figure{display:inline-block;margin:.5em}img{image-rendering:pixelated}</style></head><body>"
-            f"<h1>onestep evaluation</h1><p>{note}</p><table><tr>{head}</tr>{body}</table>"
-            f"<p>Best teacher EMA length: <b>sigma_rel = {best['sigma_rel']:.3f}</b> ({metric} {best['fd']:.3f}).</p>"
-            f"<img src='fd_vs_sigma_rel.png'><h2>Samples (the same seeds for every model)</h2>{grids}</body></html>")
+def _metrics_rows(artifact: Artifact) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in store.read_bytes(artifact.path("metrics.jsonl")).decode().splitlines()]
 
 
 def run(ctx: StageContext, cfg: EvalConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
-    refstats = inputs["refstats"].manifest()["outputs"]
-    device = "cuda" if cfg.num_gpus > 0 else "cpu"
     resources = Resources(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     ctx.executor.check(resources, "eval")
-    inception = load_inception(refstats["inception_weights"], "cpu")  # fails here, before sampling
-    metric = inception.metric_name
-    with inputs["refstats"].open("stats.npz") as f:
-        ref = np.load(io.BytesIO(f.read()))
-        ref_mu, ref_sigma = ref["mu"], ref["sigma"]
-    models = [*_teacher_models(inputs["phema"], cfg.num_steps),
-              Model("student (1 step)", inputs["distill"], "student.safetensors", None, 0)]
-    encoder = inputs["encode"].manifest()["outputs"]["encoder"]
-    job = EvalJob(models, encoder, refstats["inception_weights"], cfg.batch, cfg.grid_images, device)
-    items = _items(len(models), cfg)
-    ctx.log.info("evaluate: %d models x %d images in %d tasks (%s)", len(models), cfg.num_images, len(items), metric)
+    refstats = inputs["refstats"].manifest()["outputs"]
+    probe_out = inputs["probe"].manifest()["outputs"]
+    probe = inputs["probe"] if probe_out["enabled"] else None
+    if probe is None and not refstats["networks"]:
+        raise ValueError("evaluate has no metric to compute: the probe is disabled (probe.enabled=false) and refstats "
+                         f"has no feature network ({refstats['skipped']}): enable the probe, or set "
+                         "refstats.inception_weights / refstats.dinov2_weights")
+    networks = {name: info["weights"] for name, info in refstats["networks"].items()}
+    for name, weights in networks.items():
+        load_network(name, weights, "cpu")  # weights gone since refstats fail here, before sampling
+    encode = inputs["encode"].manifest()["outputs"]
+    heldout = _heldout(probe, cfg.num_images) if probe else {}
+    models = _models(cfg, inputs, real=probe is not None)
+    job = EvalJob(models, encode["encoder"], networks, probe, heldout,
+                  [inputs["encode"].path(name) for name in encode["shards"]],
+                  grid_classes(encode["num_classes"], cfg.grid_rows), cfg.grid_columns, cfg.batch, ctx.seed,
+                  "cuda" if cfg.num_gpus > 0 else "cpu")
+    counts = [len(heldout["index"]) if m.name == "real" else cfg.num_images for m in models]
+    items = _items(counts, cfg.images_per_task)
+    ctx.log.info("evaluate: %d models x %d images in %d tasks", len(models), cfg.num_images, len(items))
     results = ctx.map(partial(evaluate_range, job), items, resources, desc="evaluate")
-    rows = [_score(ctx.artifact, i, m, [r for r in results if r["model"] == i], ref_mu, ref_sigma)
-            for i, m in enumerate(models)]
-    best = min((r for r in rows if r["sigma_rel"] is not None), key=lambda r: r["fd"])
-    reference = f"{refstats['count']} reference images" if refstats.get("count") else f"the statistics in {refstats['source']}"
-    note = (f"{metric} of {cfg.num_images} generated images per model against {reference}."
-            + (" The Inception network has fixed RANDOM weights (demo/ci preset): these numbers are not FID "
-               "and are comparable only with each other." if inception.random else ""))
-    if inception.random:
-        ctx.log.warning("evaluate: random-weight Inception: reporting %s, not FID", metric)
-    with ctx.artifact.open("fd_vs_sigma_rel.png", "wb") as f:
-        f.write(_plot(rows, metric))
+    refs = _references(probe, inputs["refstats"], refstats["networks"])
+    rows = [score(m, [r for r in results if r["model"] == i], refs) for i, m in enumerate(models)]
+    _write_grids(ctx.artifact, job, rows, results)
+    metric = "fd_inception" if "inception" in networks and not refstats["networks"]["inception"]["random"] else (
+        "fd_probe" if probe else f"fd_{next(iter(networks))}")
+    best, summary = _summary(rows, metric)
+    notes = _notes(cfg, probe_out, refstats, counts[-1] if probe else 0)
+    curves = report.curves_png(_metrics_rows(inputs["teacher"]), _metrics_rows(inputs["distill"]))
+    for name, data in (("metrics.png", report.metrics_png(rows)), ("curves.png", curves),
+                       ("report.md", report.report_md(rows, summary, notes).encode()),
+                       ("report.html", report.report_html(rows, summary, notes).encode())):
+        with ctx.artifact.open(name, "wb") as f:
+            f.write(data)
     ctx.artifact.write_json("results.json", rows)
-    with ctx.artifact.open("report.md", "wb") as f:
-        f.write(_report_md(rows, metric, best, note).encode())
-    with ctx.artifact.open("report.html", "wb") as f:
-        f.write(_report_html(rows, metric, best, note).encode())
-    student = rows[-1]
+    student = next(r for r in rows if r["model"] == "student")
     return {"metric": metric, "models": rows, "best_sigma_rel": best["sigma_rel"], "num_images": cfg.num_images,
-            "student_fd_over_best_teacher": round(student["fd"] / best["fd"], 4)}
-
-
-def _score(artifact: Artifact, index: int, model: Model, results: list[dict[str, Any]],
-           ref_mu: np.ndarray, ref_sigma: np.ndarray) -> dict[str, Any]:
-    """Reduce one model's task results: its FD, total task time, and its sample grid file."""
-    stats = FeatureStats.from_dict(results[0]["stats"])
-    for r in results[1:]:
-        stats = stats.merge(FeatureStats.from_dict(r["stats"]))
-    grid_file = f"grids/model-{index:02d}.png"
-    with artifact.open(grid_file, "wb") as f:
-        f.write(grid_png([img for r in results for img in r["grid"]]))
-    fd = frechet_distance(stats.mean(), stats.cov(), ref_mu, ref_sigma)
-    return {"name": model.name, "sigma_rel": model.sigma_rel, "steps": model.num_steps or 1, "nfe": model.nfe,
-            "fd": float(fd), "seconds": round(sum(r["seconds"] for r in results), 2), "grid": grid_file,
-            "count": int(stats.count)}
+            "student_over_best_teacher": round(student[metric] / best[metric], 4),
+            "student_class_accuracy": student["class_accuracy"], "best_teacher_class_accuracy": best["class_accuracy"]}
 
 
 def sample_model(cfg: Any, which: str, seeds: list[int], steps: int | None,
@@ -242,10 +385,10 @@ def sample_model(cfg: Any, which: str, seeds: list[int], steps: int | None,
     st = store.Store(cfg.storage)
     kind, _, sigma = which.partition(":")
     if kind == "student":
-        model = Model("student", st.artifact("distill", keys["distill"]), "student.safetensors", None, 0)
+        model = Model("student", st.artifact("distill", keys["distill"]), "student.safetensors", None, 1)
     elif kind == "teacher":
         sigma_rel = float(sigma) if sigma else cfg.pairs.sigma_rel
-        model = Model(which, st.artifact("phema", keys["phema"]), f"phema-{sigma_rel:.4f}.safetensors",
+        model = Model("teacher", st.artifact("phema", keys["phema"]), f"phema-{sigma_rel:.4f}.safetensors",
                       sigma_rel, steps or cfg.eval.num_steps)
     else:
         raise ValueError(f"--model {which!r}: expected student or teacher[:SIGMA_REL]")
@@ -256,7 +399,6 @@ def sample_model(cfg: Any, which: str, seeds: list[int], steps: int | None,
     if not model.artifact.exists(model.weights):
         raise ValueError(f"no teacher variant at sigma_rel {model.sigma_rel}: add it to phema.sigma_rels "
                          "and rerun phema, or pick one of its variants")
-    net = load_network(model.artifact, model.config_name, model.weights)
+    net = load_denoiser(model.artifact, model.config_name, model.weights)
     encoder = encoder_from_info(st.artifact("encode", keys["encode"]).manifest()["outputs"]["encoder"])
-    return generate(model, net, seeds, encoder, "cpu", classes)
-
+    return generate(model, net, seeds, encoder, "cpu", classes)[0]

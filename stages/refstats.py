@@ -1,12 +1,15 @@
-"""refstats: FID reference statistics (mu, sigma of Inception pool features) of the dataset.
+"""refstats: reference statistics (mu, sigma) of the dataset in pretrained feature networks.
 
     onestep run --config ci --until refstats --storage /tmp/onestep
 
-One task per encode shard decodes its samples back to uint8 images (VAE latents: a posterior
-sample drawn from each sample's own generator, so the result depends on neither the batch size
-nor the task layout) and returns float64 feature sums; the driver merges them into `stats.npz`
-(mu, unbiased sigma, count). With `refstats.stats` set, that published npz (clean-fid, ADM,
-EDM: keys mu [2048], sigma [2048, 2048]) is checked and used instead.
+The networks are Inception (FID) and DINOv2 ViT-L/14 (FD_DINOv2), each where its weights are
+configured or can be downloaded (`auto`), and neither where the setting is empty (the demo: the
+probe stage gives the offline metrics). Each task decodes a range of one shard back to uint8 images
+(VAE latents: a posterior sample drawn from each sample's own generator, so the result depends on
+neither the batch size nor the task layout) and returns float64 feature sums per network; the
+driver merges them into `{network}.npz` (mu, unbiased sigma, count). With `refstats.stats` set,
+that published Inception npz (clean-fid, ADM, EDM: mu [2048], sigma [2048, 2048]) is checked and
+used instead.
 """
 
 from __future__ import annotations
@@ -18,19 +21,19 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-import torch
 
 from pipeline import store
 from pipeline.config import RefstatsConfig
 from pipeline.dag import StageContext
-from pipeline.data.encoders import Encoder, encoder_from_info
+from pipeline.data.encoders import decode_images, encoder_from_info
 from pipeline.data.shards import reader
 from pipeline.executor import Resources
-from pipeline.metrics.fid import FEATURE_DIM, FeatureStats, InceptionFeatures, load_inception, worker_inception
+from pipeline.metrics.features import DOWNLOAD, NETWORKS, SETTING, load_network, metric_name, worker_network
+from pipeline.metrics.fid import FEATURE_DIM, FeatureStats
 from pipeline.store import Artifact
 from pipeline.training import mix_seed
 
-VERSION = "1"
+VERSION = "2"  # 2: several networks (Inception, DINOv2), each where its weights can be had
 UPSTREAM = ("encode",)
 
 
@@ -39,35 +42,30 @@ class ShardJob:
     """What every task shares (picklable, small)."""
 
     encoder: dict[str, Any]  # the encode manifest's encoder info
-    inception_weights: str
+    networks: dict[str, str]  # network name -> weights
     batch: int
     device: str
     seed: int
 
 
-def decode_images(encoder: Encoder, stored: torch.Tensor, seeds: list[int]) -> np.ndarray:
-    """Stored arrays [B, C, h, w] -> uint8 images [B, H, W, 3]; sample i draws from seeds[i]."""
-    x = torch.cat([encoder.to_model(stored[i : i + 1], torch.Generator().manual_seed(seed))
-                   for i, seed in enumerate(seeds)])
-    return encoder.decode(x)
-
-
-def shard_stats(job: ShardJob, item: tuple[str, int, int, int]) -> dict[str, np.ndarray]:
-    """Feature sums (FeatureStats.to_dict) of samples [start, stop) of one shard."""
+def shard_stats(job: ShardJob, item: tuple[str, int, int, int]) -> dict[str, dict[str, np.ndarray]]:
+    """Per network, feature sums (FeatureStats.to_dict) of samples [start, stop) of one shard."""
     url, shard, start, stop = item
     encoder = encoder_from_info(job.encoder, job.device)
-    inception = worker_inception(job.inception_weights, job.device)
-    stats = FeatureStats(inception.dim)
+    nets = {name: worker_network(name, weights, job.device) for name, weights in job.networks.items()}
+    stats = {name: FeatureStats(net.dim) for name, net in nets.items()}
     seen = 0  # samples of the shard read so far
     for stored, _ in reader([url], job.batch):
         lo, hi = max(start - seen, 0), min(stop - seen, len(stored))
         if lo < hi:
             seeds = [mix_seed(job.seed, shard, seen + i) for i in range(lo, hi)]
-            stats.add(inception.features(decode_images(encoder, stored[lo:hi], seeds)))
+            images = decode_images(encoder, stored[lo:hi], seeds)
+            for name, net in nets.items():
+                stats[name].add(net.features(images))
         seen += len(stored)
         if seen >= stop:
             break
-    return stats.to_dict()
+    return {name: s.to_dict() for name, s in stats.items()}
 
 
 def shard_limits(counts: list[int], num_images: int) -> list[int]:
@@ -101,14 +99,17 @@ def _shard_items(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact) -> li
             for s, (name, n) in enumerate(zip(shards, limits)) for lo in range(0, n, step)]
 
 
-def dataset_stats(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact) -> FeatureStats:
-    """Merged feature statistics of the first `cfg.num_images` samples, in tasks of shard ranges."""
+def dataset_stats(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact,
+                  networks: dict[str, str]) -> dict[str, FeatureStats]:
+    """Per network, merged feature statistics of the first `cfg.num_images` samples, in tasks of shard ranges."""
     items = _shard_items(ctx, cfg, encode)
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
-    job = ShardJob(encode.manifest()["outputs"]["encoder"], cfg.inception_weights, cfg.batch, device, ctx.seed)
-    ctx.log.info("refstats: %d images in %d tasks", sum(stop - start for _, _, start, stop in items), len(items))
+    job = ShardJob(encode.manifest()["outputs"]["encoder"], networks, cfg.batch, device, ctx.seed)
+    ctx.log.info("refstats: %d images in %d tasks (%s)", sum(stop - start for _, _, start, stop in items), len(items),
+                 ", ".join(networks))
     results = ctx.map(partial(shard_stats, job), items, Resources(cfg.num_cpus, cfg.num_gpus), desc="refstats")
-    return sum((FeatureStats.from_dict(r) for r in results), FeatureStats(FEATURE_DIM))
+    return {name: sum((FeatureStats.from_dict(r[name]) for r in results[1:]), FeatureStats.from_dict(results[0][name]))
+            for name in networks}
 
 
 def read_stats(url: str) -> tuple[np.ndarray, np.ndarray]:
@@ -141,27 +142,44 @@ def _write_npz(artifact: Artifact, name: str, **arrays: np.ndarray) -> None:
         f.write(buf.getvalue())
 
 
-def _checked_inception(cfg: RefstatsConfig) -> InceptionFeatures:
-    inception = load_inception(cfg.inception_weights, "cpu")  # a bad file fails here, before any task
-    if cfg.stats and inception.random:
-        raise ValueError("refstats.stats holds statistics of the real Inception, which cannot be compared with "
-                         "refstats.inception_weights='random': set refstats.inception_weights=clean-fid "
-                         "(or a path of inception-2015-12-05.pt), or leave refstats.stats empty")
-    return inception
+def choose_networks(cfg: RefstatsConfig, log: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """(name -> (weights, network) of each network to use, name -> why another is not), loaded here on
+    the driver: bad weights fail before any task; under "auto" a network that cannot be had is skipped."""
+    chosen, skipped = {}, {}
+    for name in NETWORKS:
+        weights = getattr(cfg, SETTING[name].split(".", 1)[1])
+        strict = weights != "auto" or (name == "inception" and bool(cfg.stats))  # published stats need it
+        weights = DOWNLOAD[name] if weights == "auto" else weights
+        if not weights:
+            skipped[name] = f"{SETTING[name]} is empty"
+            continue
+        try:
+            chosen[name] = (weights, load_network(name, weights, "cpu"))
+        except ValueError as e:
+            if strict:
+                raise
+            log.warning("refstats: %s skipped: %s", name, e)
+            skipped[name] = str(e)
+    return chosen, skipped
 
 
 def run(ctx: StageContext, cfg: RefstatsConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
     ctx.executor.check(Resources(cfg.num_cpus, cfg.num_gpus), "refstats")
-    inception = _checked_inception(cfg)
-    if cfg.stats:
-        mu, sigma = read_stats(cfg.stats)
-        _write_npz(ctx.artifact, "stats.npz", mu=mu, sigma=sigma)
-        count, source = None, store.redact(cfg.stats)
-    else:
-        stats = dataset_stats(ctx, cfg, inputs["encode"])
-        _write_npz(ctx.artifact, "stats.npz", mu=stats.mean(), sigma=stats.cov(), count=np.int64(stats.count))
-        count, source = stats.count, "dataset"
-    if inception.random:
-        ctx.log.warning("refstats: random-weight Inception: statistics for %s, not FID", inception.metric_name)
-    return {"count": count, "feature_dim": FEATURE_DIM, "inception_weights": store.redact(cfg.inception_weights),
-            "metric_name": inception.metric_name, "random": inception.random, "source": source}
+    chosen, skipped = choose_networks(cfg, ctx.log)
+    published = {"inception": read_stats(cfg.stats)} if cfg.stats else {}
+    to_compute = {name: weights for name, (weights, _) in chosen.items() if name not in published}
+    computed = dataset_stats(ctx, cfg, inputs["encode"], to_compute) if to_compute else {}
+    networks = {}
+    for name, (weights, net) in chosen.items():
+        if name in published:
+            (mu, sigma), count, source = published[name], None, store.redact(cfg.stats)
+        else:
+            stats = computed[name]
+            mu, sigma, count, source = stats.mean(), stats.cov(), stats.count, "dataset"
+        _write_npz(ctx.artifact, f"{name}.npz", mu=mu, sigma=sigma, count=np.int64(count or 0))
+        networks[name] = {"weights": store.redact(weights), "file": f"{name}.npz", "dim": net.dim, "count": count,
+                          "source": source, "metric_name": metric_name(name, net),
+                          "random": bool(getattr(net, "random", False))}
+        if networks[name]["random"]:
+            ctx.log.warning("refstats: random-weight Inception: statistics for %s, not FID", networks[name]["metric_name"])
+    return {"networks": networks, "skipped": skipped}

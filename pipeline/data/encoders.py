@@ -214,6 +214,14 @@ def lpips_decoder(encoder: Encoder, decoder: str, device: str = "cpu") -> Callab
     return TinyDecoder(decoder, encoder, device).to_pixels
 
 
+def decode_images(encoder: Encoder, stored: torch.Tensor, seeds: list[int]) -> np.ndarray:
+    """Stored arrays [B, C, h, w] -> uint8 images [B, H, W, 3]; sample i draws from seeds[i] (VAE
+    latents: the posterior sample), so the images depend on neither the batch nor the task layout."""
+    x = torch.cat([encoder.to_model(stored[i : i + 1], torch.Generator().manual_seed(seed))
+                   for i, seed in enumerate(seeds)])
+    return encoder.decode(x)
+
+
 def make_encoder(name: str, vae: str = DEFAULT_VAE, device: str = "cpu") -> Encoder:
     if name == "rgb":
         return RgbEncoder()

@@ -92,6 +92,23 @@ def iterate_samples(url: str) -> Iterator[dict[str, Any]]:
     return iter(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()))
 
 
+def read_samples(url: str, wanted: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(dataset indices [n], positions in the shard [n], stored arrays [n, ...], labels [n]) of the
+    samples of one encode shard whose index (key) is in `wanted` (None: all), in shard order."""
+    indices, positions, arrays, labels = [], [], [], []
+    for position, sample in enumerate(iterate_samples(url)):
+        index = int(sample["__key__"])
+        if wanted is None or index in wanted:
+            array, label = decode_sample(sample)
+            indices.append(index)
+            positions.append(position)
+            arrays.append(array)
+            labels.append(label)
+    if not arrays:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0,)), np.zeros(0, np.int64)
+    return np.array(indices), np.array(positions), np.stack(arrays), np.array(labels)
+
+
 def _split_rank(urls: Iterator[Any], rank: int, world_size: int) -> Iterator[Any]:
     return islice(urls, rank, None, world_size)
 

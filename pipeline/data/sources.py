@@ -37,7 +37,8 @@ class ImageSource(Protocol):
 
 
 # ---------------------------------------------------------------------------------------
-# Synthetic: class = (shape, colour family); position, size, rotation, hue and background random.
+# Synthetic: class = shape; position, size, rotation, colour and background random per image, so that
+# a class can be told only by its shape.
 
 
 def _regular(n: int, radius: float = 1.0, phase: float = 0.0) -> np.ndarray:
@@ -62,9 +63,9 @@ _SHAPES: dict[str, list[tuple[np.ndarray, int]]] = {
     "cross": [(_rect(-1, -0.28, 1, 0.28), 255), (_rect(-0.28, -1, 0.28, 1), 255)],
     "ring": [(_regular(48), 255), (_regular(48, 0.55), 0)],
     "star": [(_star(), 255)],
-    "diamond": [(_regular(4) * [0.55, 1.0], 255)],
+    "dots": [(_regular(32, 0.42) + [0, y], 255) for y in (-0.55, 0.55)],
     "ellipse": [(_regular(48) * [1.0, 0.5], 255)],
-    "hexagon": [(_regular(6), 255)],
+    "ell": [(_rect(-0.7, -1, -0.2, 1), 255), (_rect(-0.7, 0.5, 0.8, 1), 255)],
     "stripes": [(_rect(-0.9, y, 0.9, y + 0.3), 255) for y in (-0.9, -0.15, 0.6)],
 }
 _SHAPE_NAMES = tuple(_SHAPES)
@@ -100,7 +101,7 @@ def _background(rng: np.random.Generator, res: int) -> np.ndarray:
 def _shape_alpha(rng: np.random.Generator, shape: str, res: int) -> np.ndarray:
     """Coverage of a randomly placed, sized and rotated shape, drawn at 4x and box-filtered."""
     size = 4 * res
-    radius = rng.uniform(0.2, 0.38) * size
+    radius = rng.uniform(0.26, 0.4) * size
     centre = rng.uniform(0.85 * radius, size - 0.85 * radius, 2)
     angle = rng.uniform(0, 2 * np.pi)
     rotation = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
@@ -130,8 +131,7 @@ class SyntheticSource:
         label = index % self.num_classes
         background = _background(rng, self.resolution)
         alpha = _shape_alpha(rng, self._shape(label), self.resolution)[..., None]
-        hue = label / self.num_classes + rng.uniform(-0.2, 0.2) / self.num_classes
-        colour = _hsv(hue, rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0))
+        colour = _hsv(rng.uniform(0, 1), rng.uniform(0.6, 1.0), rng.uniform(0.65, 1.0))
         shading = 0.75 + 0.4 * _ramp(rng, self.resolution)[..., None]
         image = background * (1 - alpha) + colour * shading * alpha
         pixels = (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
