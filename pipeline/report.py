@@ -54,7 +54,7 @@ def grid_png(images: Sequence[np.ndarray]) -> bytes:
 def class_grid_png(rows: Sequence[Sequence[np.ndarray]], beside: Sequence[Sequence[np.ndarray]] = ()) -> bytes:
     """One class per row: a model's samples, then (after a white gap) real images of the same class."""
     left = _canvas(rows)
-    if not beside:
+    if not any(len(r) for r in beside):
         return _png(left)
     right = _canvas([list(r) for r in beside] + [[None]] * (len(rows) - len(beside)))
     gap = np.full((left.shape[0], GAP, 3), 255, np.uint8)
@@ -89,7 +89,7 @@ def report_md(rows: list[dict[str, Any]], summary: list[str], notes: list[str]) 
     lines += ["", *summary, "", "![metrics against sigma_rel](metrics.png)", "", "## Training", "",
               "![training curves](curves.png)", "",
               "## Samples: one class per row, the same seeds for every model, real images on the right", ""]
-    lines += [f"### {r['label']}\n\n![{r['label']}]({r['grid']})\n" for r in rows]
+    lines += [f"### {r['label']}\n\n![{r['label']}]({r['grid']})\n" for r in rows if r["grid"]]
     return "\n".join(lines)
 
 
@@ -98,7 +98,7 @@ def report_html(rows: list[dict[str, Any]], summary: list[str], notes: list[str]
     head = "".join(f"<th>{html.escape(h)}</th>" for h in _headers(columns))
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in _cells(r, columns)) + "</tr>" for r in rows)
     grids = "".join(f"<figure><img src='{r['grid']}' height='320'><figcaption>{html.escape(r['label'])}</figcaption>"
-                    "</figure>" for r in rows)
+                    "</figure>" for r in rows if r["grid"])
     paragraphs = "".join(f"<p>{html.escape(p).replace('**', '')}</p>" for p in [*notes])
     points = "".join(f"<li>{html.escape(s).replace('**', '')}</li>" for s in summary)
     return ("<!doctype html><html><head><meta charset='utf-8'><title>onestep evaluation</title>"

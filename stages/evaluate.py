@@ -285,6 +285,9 @@ def _write_grids(artifact: Artifact, job: EvalJob, rows: list[dict[str, Any]], r
     for i, (row, model) in enumerate(zip(rows, job.models)):
         row["grid"] = f"grids/{i:02d}-{model.name}.png"
         if model.name == "real":
+            if not any(real):  # no held-out image of any grid class
+                row["grid"] = None
+                continue
             png = report.class_grid_png(real)
         else:
             [grid] = [r["grid"] for r in results if r["model"] == i and r["grid"] is not None]

@@ -1,5 +1,7 @@
-"""The evaluate stage on a tiny ci run, with a random-weight Inception saved to a file and loaded by path."""
+"""The evaluate stage on a tiny ci run: the probe's metrics, FID with a random-weight Inception saved to a
+file and loaded by path, the real row, per-class grids, and task sums that reduce to one pass."""
 
+from dataclasses import replace
 
 import numpy as np
 from helpers import save_random_inception
@@ -8,46 +10,69 @@ from PIL import Image
 from pipeline import config as C
 from pipeline import dag, store
 from pipeline.executor import InlineExecutor
-from pipeline.metrics.fid import FeatureStats, frechet_distance, load_inception
+from pipeline.metrics.fid import FeatureStats, frechet_distance
+from pipeline.report import METRICS
 from stages.evaluate import EvalJob, Model, evaluate_range
 
-TINY = ["encode.num_images=32", "encode.shard_size=32", "teacher.channels=16", "teacher.batch=4",
+TINY = ["encode.num_images=80", "encode.shard_size=40", "teacher.channels=16", "teacher.batch=4",
         "teacher.snapshot_nimg=8", "teacher.checkpoint_nimg=16", "teacher.duration_nimg=32",
         "teacher.log_nimg=8", "teacher.lr_rampup_nimg=0", "teacher.shuffle_buffer=32",
         "phema.sigma_rels=[0.05,0.1]", "pairs.num_pairs=8", "pairs.num_steps=2", "pairs.pairs_per_shard=8",
         "distill.batch=8", "distill.reg_batch=8", "distill.duration_nimg=16", "distill.checkpoint_nimg=16",
-        "distill.log_nimg=8", "distill.lpips_size=32", "refstats.num_images=16",
-        "eval.num_images=12", "eval.images_per_task=5", "eval.num_steps=3", "eval.grid_images=4", "eval.batch=4"]
+        "distill.log_nimg=8", "distill.lpips_size=32", "refstats.num_images=16", "probe.holdout=0.5",
+        "eval.num_images=12", "eval.images_per_task=5", "eval.num_steps=3", "eval.grid_rows=4", "eval.grid_columns=3",
+        "eval.batch=4"]
 
 
-def test_evaluate_reports_every_model_with_an_inception_loaded_by_path(tmp_path):
+def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
+    return store.Store(cfg.storage).artifact(stage, dag.cache_keys(dag.graph(), cfg)[stage])
+
+
+def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
     weights = save_random_inception(tmp_path / "inception.pt")
     cfg = C.load_config("ci", [*TINY, f"refstats.inception_weights={weights}"], storage=str(tmp_path / "store"))
     dag.run(cfg, until="evaluate", executor=InlineExecutor())
-    keys = dag.cache_keys(dag.graph(), cfg)
-    art = store.Store(cfg.storage).artifact("evaluate", keys["evaluate"])
+    art = _artifact(cfg, "evaluate")
     out = art.manifest()["outputs"]
-    assert out["metric"] == "FID" and out["num_images"] == 12
+    assert out["metric"] == "fd_inception" and out["num_images"] == 12
     rows = out["models"]
-    assert [(r["sigma_rel"], r["steps"], r["nfe"], r["count"]) for r in rows] == [
-        (0.05, 3, 5, 12), (0.1, 3, 5, 12), (None, 1, 1, 12)]
-    assert out["best_sigma_rel"] == min(rows[:2], key=lambda r: r["fd"])["sigma_rel"]
+    assert [(r["model"], r["sigma_rel"], r["nfe"], r["count"]) for r in rows] == [
+        ("teacher", 0.05, 5, 12), ("teacher", 0.1, 5, 12), ("student", None, 1, 12), ("real", None, 0, 12)]
+    for r in rows:
+        assert set(METRICS) <= set(r) and r["fd_dinov2"] is None  # not configured: a key, with no value
+        assert all(np.isfinite(r[k]) for k in ("fd_probe", "class_accuracy", "precision", "recall", "fd_inception"))
+    assert out["best_sigma_rel"] == min(rows[:2], key=lambda r: r["fd_inception"])["sigma_rel"]
+    assert out["student_over_best_teacher"] == round(rows[2]["fd_inception"] / min(r["fd_inception"] for r in rows[:2]), 4)
+    # The real row is the probe's held-out images: its class accuracy is the probe's on the same images.
+    probe = _artifact(cfg, "probe").manifest()["outputs"]
+    assert probe["holdout_images"] >= 12
     assert art.read_json("results.json") == rows
     md = store.read_bytes(art.path("report.md")).decode()
     html = store.read_bytes(art.path("report.html")).decode()
-    assert "Best teacher EMA length" in md and "student (1 step)" in html and "<table>" in html
-    assert Image.open(art.path("fd_vs_sigma_rel.png")).size[0] > 100
-    for r in rows:
-        assert Image.open(art.path(r["grid"])).size == (32, 32)  # 4 images of 16 px, 2 x 2
+    assert "Best teacher EMA length by FID" in md and "| FD probe | class accuracy | precision | recall | FID |" in md
+    assert "real (held-out)" in html and "<table>" in html and "dinov2: not computed" in md
+    for png in ("metrics.png", "curves.png"):
+        assert Image.open(art.path(png)).size[0] > 300
+    # One class per row (classes 0, 3, 6, 9), 3 samples each, then a gap and the real images beside.
+    assert Image.open(art.path(rows[0]["grid"])).size[1] == 4 * 16
+    assert Image.open(art.path(rows[0]["grid"])).size[0] > 3 * 16 + 4
 
-    # The reduced task sums equal one pass over all 12 seeds, and the FD is recomputed from them.
-    refstats = store.Store(cfg.storage).artifact("refstats", keys["refstats"])
-    phema = store.Store(cfg.storage).artifact("phema", keys["phema"])
-    encoder = store.Store(cfg.storage).artifact("encode", keys["encode"]).manifest()["outputs"]["encoder"]
-    model = Model("t", phema, "phema-0.0500.safetensors", 0.05, 3)
-    whole = evaluate_range(EvalJob([model], encoder, weights, 12, 4, "cpu"), (0, 0, 12))
-    stats = FeatureStats.from_dict(whole["stats"])
-    ref = np.load(refstats.path("stats.npz"))
+    # The reduced task sums equal one pass over all 12 seeds, and the metrics are recomputed from it.
+    phema, refstats = _artifact(cfg, "phema"), _artifact(cfg, "refstats")
+    encoder = _artifact(cfg, "encode").manifest()["outputs"]["encoder"]
+    model = Model("teacher", phema, "phema-0.0500.safetensors", 0.05, 3)
+    job = EvalJob([model], encoder, {"inception": weights}, _artifact(cfg, "probe"), {}, [], [0], 1, 12, cfg.seed, "cpu")
+    whole = evaluate_range(job, (0, 0, 12))
+    stats = FeatureStats.from_dict(whole["stats"]["inception"])
+    ref = np.load(refstats.path("inception.npz"))
     fd = frechet_distance(stats.mean(), stats.cov(), ref["mu"], ref["sigma"])
-    assert np.isclose(fd, rows[0]["fd"], rtol=1e-4), (fd, rows[0]["fd"])
-    assert load_inception(weights).metric_name == "FID"
+    assert np.isclose(fd, rows[0]["fd_inception"], rtol=1e-4), (fd, rows[0]["fd_inception"])
+    assert whole["correct"] / whole["labelled"] == rows[0]["class_accuracy"]
+
+    # Without the probe: no real row and no probe metrics; only the teacher-independent stages rerun.
+    off = replace(cfg, probe=replace(cfg.probe, enabled=False))
+    plan = dag.run(off, until="evaluate", executor=InlineExecutor())
+    assert plan.to_run == ["probe", "evaluate"]
+    rows = _artifact(off, "evaluate").manifest()["outputs"]["models"]
+    assert [r["model"] for r in rows] == ["teacher", "teacher", "student"]
+    assert all(r["fd_probe"] is None and r["fd_inception"] > 0 for r in rows)

@@ -11,10 +11,10 @@ from helpers import CountingExecutor, save_random_inception, save_tiny_vae
 
 from pipeline import config as C
 from pipeline import dag, store
-from pipeline.data.encoders import RgbEncoder, make_encoder
+from pipeline.data.encoders import RgbEncoder, decode_images, make_encoder
 from pipeline.data.shards import reader
 from pipeline.executor import InlineExecutor, RayExecutor
-from pipeline.metrics.fid import InceptionFeatures, frechet_distance, load_inception
+from pipeline.metrics.fid import frechet_distance, load_inception
 from stages import refstats as R
 
 
@@ -35,7 +35,9 @@ def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
 def _refstats(cfg: C.Config, executor=None, force: list[str] = ()) -> tuple[dict, dict]:
     dag.run(cfg, until="refstats", executor=executor or InlineExecutor(), force=force)
     art = _artifact(cfg, "refstats")
-    with art.open("stats.npz") as f:
+    if not art.exists("inception.npz"):
+        return art.manifest()["outputs"], {}
+    with art.open("inception.npz") as f:
         stats = dict(np.load(io.BytesIO(f.read())))
     return art.manifest()["outputs"], stats
 
@@ -65,8 +67,9 @@ def test_stats_equal_a_direct_computation(tmp_path, inception, num_images, per_t
     assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048) and stats["count"] == count
     _close(stats["mu"], mu)
     _close(stats["sigma"], sigma)
-    assert outputs == {"count": count, "feature_dim": 2048, "inception_weights": inception,
-                       "metric_name": "FID", "random": False, "source": "dataset"}
+    assert outputs == {"networks": {"inception": {"count": count, "dim": 2048, "weights": inception, "file": "inception.npz",
+                                                  "metric_name": "FID", "random": False, "source": "dataset"}},
+                       "skipped": {"dinov2": "refstats.dinov2_weights is empty"}}
 
 
 def test_one_or_several_ray_tasks_give_the_same_stats(ray_session, tmp_path, inception):
@@ -96,8 +99,8 @@ def test_vae_samples_do_not_depend_on_the_batch(tmp_path, inception):
     encode = _artifact(cfg, "encode")
     stored, _ = next(iter(reader([encode.path(encode.manifest()["outputs"]["shards"][0])], 2)))
     encoder = make_encoder("vae", vae)
-    same, other = R.decode_images(encoder, stored, [1, 2]), R.decode_images(encoder, stored, [3, 4])
-    assert np.array_equal(same, R.decode_images(encoder, stored, [1, 2])) and not np.array_equal(same, other)
+    same, other = decode_images(encoder, stored, [1, 2]), decode_images(encoder, stored, [3, 4])
+    assert np.array_equal(same, decode_images(encoder, stored, [1, 2])) and not np.array_equal(same, other)
 
 
 def test_a_published_npz_is_used_as_is(tmp_path, inception):
@@ -114,7 +117,7 @@ def test_a_published_npz_is_used_as_is(tmp_path, inception):
     outputs, stats = _refstats(cfg, executor)
     assert executor.calls == before  # no task: nothing is computed
     assert stats["mu"].dtype == np.float64 and np.array_equal(stats["mu"], mu) and np.array_equal(stats["sigma"], sigma)
-    assert outputs["source"] == url and outputs["count"] is None
+    assert outputs["networks"]["inception"]["source"] == url and outputs["networks"]["inception"]["count"] is None
 
 
 def _npz(**arrays) -> bytes:
@@ -157,9 +160,23 @@ def test_bad_weights_or_stats_fail_before_any_task(tmp_path, inception):
         assert executor.calls == 0 and _artifact(bad, "refstats").state() == "missing"
 
 
-def test_published_stats_with_a_random_inception_is_an_error(tmp_path, inception, monkeypatch):
-    random_like = InceptionFeatures(torch.jit.load(inception).layers, "cpu", random=True)  # fast stand-in
-    monkeypatch.setattr(R, "load_inception", lambda weights, device: random_like)
-    cfg = _cfg(tmp_path, inception, "refstats.stats=/refs/imagenet64.npz")
-    with pytest.raises(ValueError, match="cannot be compared with refstats.inception_weights='random'"):
-        dag.run(cfg, until="refstats", executor=InlineExecutor())
+def test_published_stats_with_a_random_or_no_inception_is_an_error(tmp_path, inception):
+    for weights in ("random", ""):
+        with pytest.raises(ValueError, match=f"cannot be compared with refstats.inception_weights='{weights}'"):
+            _cfg(tmp_path, inception, "refstats.stats=/refs/imagenet64.npz", f"refstats.inception_weights={weights}")
+
+
+def test_auto_skips_a_network_that_cannot_be_had_and_says_why(tmp_path, inception, monkeypatch):
+    def offline(name, weights, device):
+        if name == "dinov2":
+            raise ValueError(f"cannot load the DINOv2 network refstats.dinov2_weights={weights!r}: no internet")
+        return load_inception(weights, device)
+
+    monkeypatch.setattr(R, "load_network", offline)
+    outputs, stats = _refstats(_cfg(tmp_path, inception, "refstats.dinov2_weights=auto"))
+    assert list(outputs["networks"]) == ["inception"] and "no internet" in outputs["skipped"]["dinov2"]
+    with pytest.raises(ValueError, match="no internet"):  # asked for by name: an error, not a skip
+        _refstats(_cfg(tmp_path / "hub", inception, "refstats.dinov2_weights=hub"))
+    off = _refstats(_cfg(tmp_path / "off", inception, "refstats.inception_weights=", "refstats.dinov2_weights="))[0]
+    assert off == {"networks": {}, "skipped": {"inception": "refstats.inception_weights is empty",
+                                               "dinov2": "refstats.dinov2_weights is empty"}}
