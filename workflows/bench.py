@@ -5,6 +5,7 @@
     python workflows/bench.py sample      # Heun sampler overhead, evaluate images/s (1 vs 2 workers), phema memory
     python workflows/bench.py pairs       # pairs/s (1 vs 2 Ray workers) against the forward-pass bound
     python workflows/bench.py distill     # one distill step against the sum of its passes, each timed alone
+    python workflows/bench.py evaluate    # probe and Inception features images/s; evaluate's share of the demo
 """
 
 from __future__ import annotations
@@ -327,15 +328,15 @@ def _eval_rate(job: EvalJob, items: list[tuple[int, int, int]], workers: int) ->
 
 def _eval_rows(root: str, steps: int, images: int, per_task: int, batch: int) -> list[tuple[str, str, str]]:
     teacher = _teacher_artifact(root, _preset_network("demo"))
-    model = Model("demo teacher", teacher, "network.safetensors", None, steps)
-    job = EvalJob([model], RgbEncoder().info(), "random", batch, grid_images=0, device="cpu")
+    model = Model("teacher", teacher, "network.safetensors", 0.1, steps)
+    job = EvalJob([model], RgbEncoder().info(), {}, None, {}, [], [0], 1, batch, 0, "cpu")  # sampling alone
     items = [(0, lo, min(lo + per_task, images)) for lo in range(0, images, per_task)]
     init_ray()
     RayExecutor(max_in_flight=2).map(partial(evaluate_range, dataclasses.replace(job, batch=1)),
                                      [(0, 0, 1), (0, 1, 2)])  # two workers started, modules imported
     (one, task_one), (two, task_two) = _eval_rate(job, items, 1), _eval_rate(job, items, 2)
     what = f"{len(items)} tasks x {per_task} images, {steps} steps, batch {min(batch, per_task)}"
-    return [(f"evaluate images/s, 1 worker (demo net, random Inception, {what})", f"{one:.3g}", ""),
+    return [(f"evaluate images/s, 1 worker (demo net, sampling only, {what})", f"{one:.3g}", ""),
             ("evaluate images/s, 2 workers, same", f"{two:.3g}", ""),
             ("evaluate speed-up, 2 vs 1 worker", f"{two / one:.2f}x", ">= 1.7x"),
             ("mean task seconds, 2 workers / 1 worker (> 1: the cores are busy with other work)",
@@ -521,6 +522,44 @@ def bench_distill(a: argparse.Namespace) -> None:
             "~1 (rest: optimiser, clipping)")])
 
 
+def _features_rate(features: Callable[[np.ndarray], Any], resolution: int, batch: int, iters: int) -> float:
+    images = np.random.default_rng(0).integers(0, 256, (batch, resolution, resolution, 3), dtype=np.uint8)
+    return batch / _median_seconds(lambda: features(images), warmup=1, iters=iters)
+
+
+def _demo_share(storage: str) -> list[tuple[str, str, str]]:
+    """Each stage's wall time in the demo run stored at `storage`, and the metrics' share of the total."""
+    cfg = C.load_config("demo", storage=storage)
+    keys = dag.cache_keys(dag.graph(), cfg)
+    manifests = {name: store.Store(storage).artifact(name, key).manifest() for name, key in keys.items()}
+    missing = [name for name, m in manifests.items() if m is None]
+    if missing:
+        return [(f"demo stage times: no demo run in {storage} (missing {', '.join(missing)})",
+                 "-", "run `python workflows/full.py` first")]
+    seconds = {name: m["wall_time_s"] for name, m in manifests.items()}
+    total = sum(seconds.values())
+    rows = [(f"demo: {name} s", f"{s:.1f}", "") for name, s in seconds.items()]
+    share = (seconds["evaluate"] + seconds["probe"] + seconds["refstats"]) / total
+    return rows + [("demo: all stages s (Ray start not counted)", f"{total:.1f}", "<= 600"),
+                   ("demo: (evaluate + probe + refstats) / all stages", f"{share:.1%}", "<= 15%")]
+
+
+def bench_evaluate(a: argparse.Namespace) -> None:
+    from pipeline.metrics.fid import load_inception
+    from pipeline.metrics.probe import ProbeFeatures, ProbeNet
+
+    torch.set_num_threads(a.threads)
+    cfg = C.load_config("demo")
+    res = cfg.encode.resolution
+    probe = ProbeFeatures(ProbeNet(cfg.encode.num_classes, res, cfg.probe.channels, cfg.probe.feature_dim), "cpu")
+    inception = load_inception("random", "cpu")  # the real network's architecture and cost
+    rows = [(f"probe features images/s ({res} px, demo probe, batch 256, {a.threads} thr)",
+             f"{_features_rate(probe.features, res, 256, a.iters):.0f}", ""),
+            (f"Inception features images/s ({res} px resized to 299, batch 32, {a.threads} thr)",
+             f"{_features_rate(inception.features, res, 32, a.iters):.1f}", "")]
+    table(rows + _demo_share(a.storage))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="what", required=True)
@@ -549,6 +588,10 @@ def main() -> None:
     distill.add_argument("--preset", default="ci", choices=("ci", "demo"))
     distill.add_argument("--iters", type=int, default=5, help="timed repeats of the step and of each pass")
     distill.add_argument("--threads", type=int, default=1)
+    evaluate = sub.add_parser("evaluate")
+    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--iters", type=int, default=5)
+    evaluate.add_argument("--storage", default="./artifacts", help="where the demo ran (`python workflows/full.py`)")
     args = p.parse_args()
     if args.what == "encode":
         bench_encode(args.num_images, args.resolution)
@@ -560,6 +603,8 @@ def main() -> None:
         bench_pairs(args)
     if args.what == "distill":
         bench_distill(args)
+    if args.what == "evaluate":
+        bench_evaluate(args)
 
 
 if __name__ == "__main__":

@@ -87,14 +87,16 @@ def _saturated_colour(images: np.ndarray, count: int = 100) -> np.ndarray:
     return np.take_along_axis(pixels, top[..., None], axis=1).mean(1)
 
 
-def test_synthetic_classes_differ_in_colour() -> None:
+def test_synthetic_classes_do_not_differ_in_colour() -> None:
+    """Colour is random per image: a nearest-colour classifier is at chance (0.1); only the shape
+    tells a class (the probe's tests show it can be learned)."""
     src = SyntheticSource(400, 32, 10, seed=0)
     colour = _saturated_colour(np.stack([src.load(i)[0] for i in range(400)]))
     labels = np.arange(400) % 10
     class_means = np.stack([colour[:200][labels[:200] == c].mean(0) for c in range(10)])
     distances = np.linalg.norm(colour[200:, None] - class_means[None], axis=-1)
     accuracy = (distances.argmin(1) == labels[200:]).mean()
-    assert accuracy > 0.8  # a nearest-colour classifier; chance is 0.1
+    assert accuracy < 0.2
 
 
 def test_synthetic_varies_within_class() -> None:
