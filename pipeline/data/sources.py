@@ -37,8 +37,8 @@ class ImageSource(Protocol):
 
 
 # ---------------------------------------------------------------------------------------
-# Synthetic: class = shape; position, size, rotation, colour and background random per image, so that
-# a class can be told only by its shape.
+# Synthetic: class = shape; colour and background random per image, so that a class can be told only
+# by its shape; size, offset from the centre and tilt vary a little.
 
 
 def _regular(n: int, radius: float = 1.0, phase: float = 0.0) -> np.ndarray:
@@ -99,11 +99,11 @@ def _background(rng: np.random.Generator, res: int) -> np.ndarray:
 
 
 def _shape_alpha(rng: np.random.Generator, shape: str, res: int) -> np.ndarray:
-    """Coverage of a randomly placed, sized and rotated shape, drawn at 4x and box-filtered."""
+    """Coverage of a shape near the centre, of random size, offset and tilt, drawn at 4x and box-filtered."""
     size = 4 * res
-    radius = rng.uniform(0.26, 0.4) * size
-    centre = rng.uniform(0.85 * radius, size - 0.85 * radius, 2)
-    angle = rng.uniform(0, 2 * np.pi)
+    radius = rng.uniform(0.3, 0.4) * size
+    centre = size / 2 + rng.uniform(-0.1, 0.1, 2) * size
+    angle = rng.uniform(-0.3, 0.3)  # radians: a class keeps its orientation, roughly
     rotation = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]])
     mask = Image.new("L", (size, size), 0)
     draw = ImageDraw.Draw(mask)
