@@ -149,6 +149,20 @@ def cached_copy(url: str, kind: str) -> str:
     return copy_to_local(url, str(target))
 
 
+def local_file(spec: str, kind: str) -> str:
+    """A weights file as a local path: a path as is (it must exist), an fsspec URL through
+    `cached_copy`. Raises OSError (FileNotFoundError for a missing path), credentials redacted."""
+    if "://" in spec:
+        try:
+            return cached_copy(spec, kind)
+        except Exception as e:  # no such object, no credentials, an unknown protocol
+            raise OSError(f"cannot copy {redact(spec)} ({type(e).__name__}: {redact(str(e))})") from e
+    path = os.path.expanduser(spec)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file {path}")
+    return path
+
+
 # Probes: a filesystem of their own, short timeouts and one attempt, so that a wrong endpoint fails
 # in seconds (botocore and s3fs retry for minutes); stages keep the patient default filesystem.
 PROBE_TIMEOUT_S = 5

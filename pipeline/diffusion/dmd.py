@@ -6,7 +6,6 @@ trainable copy of it fitted to the generator's outputs with the teacher's own lo
 """
 
 import copy
-import os
 import warnings
 from typing import Any
 
@@ -179,14 +178,14 @@ def _load_backbone(backbone: nn.Module, weights: str, net: str, url: str) -> Non
     """torchvision's `features.{i}.*` tensors into LPIPS's slices, which keep torchvision's indices
     as their module names ("slice2.3.weight" is "features.3.weight")."""
     try:
-        path = store.cached_copy(weights, "lpips") if "://" in weights else os.path.expanduser(weights)
-    except Exception as err:  # no such object, no credentials, an unknown protocol
+        path = store.local_file(weights, "lpips")
+    except OSError as err:  # no such file or object, no credentials, an unknown protocol
         raise ValueError(f"cannot read distill.lpips_weights = {store.redact(weights)!r} "
                          f"({type(err).__name__}: {err})") from err
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         backbone.load_state_dict({k: state[f"features.{k.split('.', 1)[1]}"] for k in backbone.state_dict()})
-    except Exception as err:  # a missing local file, not a state dict, another network's tensors
+    except Exception as err:  # not a state dict, another network's tensors
         raise ValueError(
             f"distill.lpips_weights = {store.redact(weights)!r} is not torchvision's {net} ImageNet file "
             f"({type(err).__name__}: {err}): it should be a path or URL of {url.rsplit('/', 1)[1]} from {url}"

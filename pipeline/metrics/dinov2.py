@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 
 import numpy as np
 import timm
@@ -109,16 +108,10 @@ def _hub_file() -> str:
 
 
 def _local_file(weights: str) -> str:
-    """A local path as is; an fsspec URL copied once into the local cache."""
-    if "://" not in weights:
-        path = os.path.expanduser(weights)
-        if not os.path.isfile(path):
-            raise _weights_error(weights, f"no file {path}")
-        return path
     try:
-        return store.cached_copy(weights, "dinov2")
-    except Exception as e:  # missing object, no credentials, unknown protocol
-        raise _weights_error(weights, f"cannot copy it ({type(e).__name__}: {e})") from e
+        return store.local_file(weights, "dinov2")
+    except OSError as e:  # no such file or object, no credentials, an unknown protocol
+        raise _weights_error(weights, str(e)) from e
 
 
 def _state_dict(path: str, weights: str) -> dict[str, torch.Tensor]:

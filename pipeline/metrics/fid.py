@@ -219,16 +219,10 @@ def _socket_timeout(seconds: float) -> Iterator[None]:
 
 
 def _local_file(weights: str) -> str:
-    """A local path as is; an fsspec URL copied once into the local cache."""
-    if "://" not in weights:
-        path = os.path.expanduser(weights)
-        if not os.path.isfile(path):
-            raise _weights_error(weights, f"no file {path}")
-        return path
     try:
-        return store.cached_copy(weights, "inception")
-    except Exception as e:  # missing object, no credentials, unknown protocol
-        raise _weights_error(weights, f"cannot copy it ({type(e).__name__}: {e})") from e
+        return store.local_file(weights, "inception")
+    except OSError as e:  # no such file or object, no credentials, an unknown protocol
+        raise _weights_error(weights, str(e)) from e
 
 
 def _torchscript_layers(path: str, weights: str) -> torch.nn.Module:
