@@ -24,7 +24,8 @@ METRICS: dict[str, tuple[str, str, bool]] = {
     "fd_inception": ("FID", "{:.2f}", True),
     "fd_dinov2": ("FD_DINOv2", "{:.2f}", True),
 }
-GAP = 4  # pixels between a model's samples and the real images beside them
+GAP = 4  # pixels (before upscaling) between a model's samples and the real images beside them
+MIN_CELL = 48  # report grids upscale small images (nearest neighbour) to at least this many pixels
 
 
 def _canvas(cells: Sequence[Sequence[np.ndarray | None]]) -> np.ndarray:
@@ -52,13 +53,15 @@ def grid_png(images: Sequence[np.ndarray]) -> bytes:
 
 
 def class_grid_png(rows: Sequence[Sequence[np.ndarray]], beside: Sequence[Sequence[np.ndarray]] = ()) -> bytes:
-    """One class per row: a model's samples, then (after a white gap) real images of the same class."""
-    left = _canvas(rows)
-    if not any(len(r) for r in beside):
-        return _png(left)
-    right = _canvas([list(r) for r in beside] + [[None]] * (len(rows) - len(beside)))
-    gap = np.full((left.shape[0], GAP, 3), 255, np.uint8)
-    return _png(np.concatenate([left, gap, right[:left.shape[0]]], axis=1))
+    """One class per row: a model's samples, then (after a white gap) real images of the same class;
+    images smaller than MIN_CELL pixels are enlarged by an integer factor, pixels kept sharp."""
+    canvas = _canvas(rows)
+    if any(len(r) for r in beside):
+        right = _canvas([list(r) for r in beside] + [[None]] * (len(rows) - len(beside)))
+        gap = np.full((canvas.shape[0], GAP, 3), 255, np.uint8)
+        canvas = np.concatenate([canvas, gap, right[:canvas.shape[0]]], axis=1)
+    scale = max(1, -(-MIN_CELL // rows[0][0].shape[0]))
+    return _png(canvas.repeat(scale, axis=0).repeat(scale, axis=1))
 
 
 def _fmt(value: Any, fmt: str) -> str:

@@ -183,7 +183,8 @@ def train_loop(session: TrainSession, args: LoopArgs) -> None:
 
 
 def _metrics_row(session: TrainSession, sums: torch.Tensor, nonfinite: int, nimg: int, lr: float,
-                 img_per_s_worker: float) -> dict[str, Any]:
+                 img_per_s: float) -> dict[str, Any]:
+    """The metrics row, reduced over the workers; `img_per_s` is already global (nimg counts every worker's images)."""
     totals = session.all_reduce(torch.cat([sums, torch.tensor([float(nonfinite)], device=sums.device)]))
     n = len(SIGMA_BUCKETS) + 1
     loss_sums, counts = totals[:n].tolist(), totals[n:2 * n].tolist()
@@ -192,7 +193,7 @@ def _metrics_row(session: TrainSession, sums: torch.Tensor, nonfinite: int, nimg
         "loss": sum(loss_sums) / max(sum(counts), 1.0),
         "loss_by_sigma": {k: s / c for k, s, c in zip(_bucket_names(), loss_sums, counts) if c},
         "lr": lr,
-        "img_per_s": img_per_s_worker * session.world_size,
+        "img_per_s": img_per_s,
         "nonfinite_steps": int(totals[-1].item()),
     }
 
