@@ -142,7 +142,9 @@ def metrics_png(rows: list[dict[str, Any]]) -> bytes:
             if r.get(key) is not None:
                 ax.axhline(r[key], color=colour, linestyle="--", label=r["label"])
         ax.set_xlabel("EMA length sigma_rel")
-        ax.set_title(METRICS[key][0] + (" (lower is better)" if METRICS[key][2] else ""), fontsize=9)
+        ax.set_title(METRICS[key][0] + (" (lower is better, log)" if METRICS[key][2] else ""), fontsize=9)
+        if METRICS[key][2] and all(r[key] > 0 for r in rows if r.get(key) is not None):
+            ax.set_yscale("log")  # distances: a poor student and the real row several decades apart
     axes[0][0].legend(fontsize=7)
     return _figure_png(fig)
 
