@@ -60,7 +60,7 @@ def class_grid_png(rows: Sequence[Sequence[np.ndarray]], beside: Sequence[Sequen
         right = _canvas([list(r) for r in beside] + [[None]] * (len(rows) - len(beside)))
         gap = np.full((canvas.shape[0], GAP, 3), 255, np.uint8)
         canvas = np.concatenate([canvas, gap, right[:canvas.shape[0]]], axis=1)
-    scale = max(1, -(-MIN_CELL // rows[0][0].shape[0]))
+    scale = max(1, -(-MIN_CELL // (canvas.shape[0] // len(rows))))  # ceil(MIN_CELL / cell height)
     return _png(canvas.repeat(scale, axis=0).repeat(scale, axis=1))
 
 

@@ -11,7 +11,7 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.executor import InlineExecutor
 from pipeline.metrics.fid import FeatureStats, frechet_distance
-from pipeline.report import METRICS
+from pipeline.report import METRICS, MIN_CELL
 from stages.evaluate import EvalJob, Model, evaluate_range
 
 TINY = ["encode.num_images=80", "encode.shard_size=40", "teacher.channels=16", "teacher.batch=4",
@@ -54,8 +54,9 @@ def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
     for png in ("metrics.png", "curves.png"):
         assert Image.open(art.path(png)).size[0] > 300
     # One class per row (classes 0, 3, 6, 9), 3 samples each, then a gap and the real images beside.
-    assert Image.open(art.path(rows[0]["grid"])).size[1] == 4 * 16
-    assert Image.open(art.path(rows[0]["grid"])).size[0] > 3 * 16 + 4
+    scale = -(-MIN_CELL // 16)  # 16-px samples enlarged, pixels kept sharp
+    assert Image.open(art.path(rows[0]["grid"])).size[1] == 4 * 16 * scale
+    assert Image.open(art.path(rows[0]["grid"])).size[0] > (3 * 16 + 4) * scale
 
     # The reduced task sums equal one pass over all 12 seeds, and the metrics are recomputed from it.
     phema, refstats = _artifact(cfg, "phema"), _artifact(cfg, "refstats")
