@@ -32,7 +32,7 @@ from pipeline.training import (MetricsLog, gather_metrics, load_state, mix_seed,
                                weights_bytes, zero_nonfinite_grads_)
 from pipeline.models.edm2 import Denoiser, build_denoiser
 
-VERSION = "1"
+VERSION = "2"  # 2: attention reads qkv in EDM2's channel order
 UPSTREAM = ("encode",)
 SIGMA_BUCKETS = (0.1, 0.3, 1.0, 3.0, 10.0)  # upper edges of the per-sigma loss buckets; last is open
 

@@ -58,9 +58,10 @@ def resample(x: torch.Tensor, mode: str = "keep") -> torch.Tensor:
 
 
 def cosine_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Cosine self-attention (EDM2 block, step 5): qkv [B, 3C, H, W] -> [B, C, H, W]."""
+    """Cosine self-attention (EDM2 block, step 5): qkv [B, 3C, H, W] -> [B, C, H, W]. The channels are
+    laid out as EDM2's [heads, c_head, 3] (q, k and v interleaved per channel), so its weights load."""
     b, c3, h, w = qkv.shape
-    q, k, v = qkv.reshape(b, 3, num_heads, c3 // (3 * num_heads), h * w).unbind(1)
+    q, k, v = qkv.reshape(b, num_heads, c3 // (3 * num_heads), 3, h * w).unbind(3)
     q, k, v = (normalize(y, dim=2).transpose(2, 3) for y in (q, k, v))  # [B, heads, HW, c_head]
     y = F.scaled_dot_product_attention(q, k, v)  # softmax(q k^T / sqrt(c_head)) v
     return y.transpose(2, 3).reshape(b, c3 // 3, h, w)

@@ -77,9 +77,12 @@ def test_mp_conv_keeps_unit_rms_and_scales_with_gain() -> None:
 
 
 def explicit_attention(qkv: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """softmax(q^T k / sqrt(c)) v written out, with the channel layout [3, heads, c_head]."""
+    """softmax(q^T k / sqrt(c)) v written out, with EDM2's channel layout: channel (head * c_head + i) * 3 + j
+    is component i of head `head` of q (j = 0), k (1) or v (2)."""
     b, c3, h, w = qkv.shape
-    q, k, v = qkv.reshape(b, 3, num_heads, c3 // (3 * num_heads), h * w).unbind(1)
+    c_head = c3 // (3 * num_heads)
+    index = lambda j: [(head * c_head + i) * 3 + j for head in range(num_heads) for i in range(c_head)]  # noqa: E731
+    q, k, v = (qkv[:, index(j)].reshape(b, num_heads, c_head, h * w) for j in range(3))
     q, k, v = (y / (1e-4 + y.square().mean(dim=2, keepdim=True).sqrt()) for y in (q, k, v))
     logits = torch.einsum("bhcq,bhck->bhqk", q, k) / math.sqrt(q.shape[2])
     y = torch.einsum("bhqk,bhck->bhcq", logits.softmax(dim=-1), v)
@@ -92,9 +95,19 @@ def test_sdpa_attention_matches_explicit_softmax() -> None:
     expected = explicit_attention(qkv, num_heads=2)
     torch.testing.assert_close(cosine_attention(qkv, num_heads=2), expected, atol=1e-4, rtol=1e-4)
     scaled = qkv.clone()
-    scaled[:, :128] *= 7.0  # cosine attention: the magnitude of q does not matter
+    scaled[:, 0::3] *= 7.0  # cosine attention: the magnitude of q does not matter
     actual = cosine_attention(scaled, num_heads=2)
     torch.testing.assert_close(actual, expected, atol=1e-3, rtol=1e-3)
+
+
+def test_attention_layout_is_edm2s_not_q_k_v_blocks() -> None:
+    """The same q, k, v laid out the other way ([3, heads, c_head]: all of q, then k, then v) give another
+    output: EDM2's released weights would load and compute something else."""
+    torch.manual_seed(1)
+    qkv = torch.randn(2, 3 * 16, 4, 4)
+    blocks = qkv.reshape(2, 16, 3, 4, 4).transpose(1, 2).reshape(2, 48, 4, 4)  # q | k | v
+    torch.testing.assert_close(cosine_attention(qkv, num_heads=2), explicit_attention(qkv, num_heads=2))
+    assert (cosine_attention(blocks, num_heads=2) - explicit_attention(qkv, num_heads=2)).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("num_classes", [0, 3])
@@ -155,13 +168,14 @@ def test_forced_weight_normalisation_after_optimizer_step() -> None:
     batch = (y, labels, torch.tensor([0.1, 0.5, 2.0, 10.0]))
     edm2_loss(net, *batch, noise=torch.randn(4, 3, 16, 16)).loss.backward()
     opt.step()
-    assert all(row_rms_error(w) > 1e-3 for w in mp_weights(net))  # the step left the unit sphere
+    # The step left the unit sphere (every row further from it than normalize's eps of 1e-4 leaves) ...
+    assert min(row_rms_error(w) for w in mp_weights(net)) > 2e-4
     before = [w.clone() for w in mp_weights(net)]
     with torch.no_grad():
         net.eval()(batch[0], batch[2], batch[1])
         assert all(torch.equal(w, b) for w, b in zip(mp_weights(net), before))  # eval: no rewrite
         edm2_loss(net.train(), *batch, noise=torch.randn(4, 3, 16, 16))
-    assert max(row_rms_error(w) for w in mp_weights(net)) < 1e-3
+    assert max(row_rms_error(w) for w in mp_weights(net)) < 2e-4  # ... and training's forward put it back
 
 
 def test_param_counts_match_paper() -> None:
