@@ -53,6 +53,10 @@ def parser() -> argparse.ArgumentParser:
     sample.add_argument("--seeds", default=None, metavar="A-B", help="seed range, inclusive (overrides --num)")
     sample.add_argument("--classes", type=int, nargs="+", default=None, help="class labels, cycled over the seeds")
     sample.add_argument("--out", required=True, help="a .png for one grid, or a folder for one PNG per seed")
+    imp = sub.add_parser("import-edm2", help="an EDM2 release network (.pkl, path or URL) as network.json + network.safetensors")
+    imp.add_argument("url", help="e.g. https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img64-s-1073741-0.075.pkl")
+    imp.add_argument("--out", required=True, help="folder (path or fsspec URL) for network.json and network.safetensors")
+    imp.add_argument("--key", default="ema", help="the network's entry in the file (EDM2: ema)")
     renv = sub.add_parser("runtime-env", help="print a runtime_env JSON for `ray job submit --runtime-env-json`")
     renv.add_argument("--file", default="infra/runtime_env.yaml", help="the runtime_env YAML to start from")
     renv.add_argument("--env", nargs="+", default=[], metavar="VAR",
@@ -193,6 +197,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "sample":
             return cmd_sample(args)
+        if args.command == "import-edm2":
+            from pipeline.models.edm2_release import import_network
+
+            config = import_network(args.url, args.out, args.key)
+            print(f"{args.out}: network.json + network.safetensors ({json.dumps(config)})")
+            return 0
         if args.command == "runtime-env":
             return cmd_runtime_env(args)
         if args.command == "status":

@@ -13,6 +13,7 @@ source is kept as text and never executed. Everything else in a file is refused.
 from __future__ import annotations
 
 import io
+import json
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import torch
 from pipeline import store
 
 
-class UnsafePickleError(pickle.UnpicklingError):
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
     """A pickle asked for something outside what an EDM2 release file needs."""
 
 
@@ -150,3 +151,70 @@ def tensors(obj: Any, prefix: str = "") -> dict[str, torch.Tensor]:
         if child is not None:
             out.update(tensors(child, f"{prefix}{name}."))
     return out
+
+
+# EDM2's Precond / UNet / Block keyword arguments that onestep's network fixes at EDM2's defaults: a
+# release file with other values is refused rather than imported into a network that computes otherwise.
+FIXED_KWARGS: dict[str, Any] = {
+    "sigma_data": 0.5, "logvar_channels": 128, "label_balance": 0.5, "concat_balance": 0.5,
+    "res_balance": 0.3, "attn_balance": 0.3, "clip_act": 256, "channels_per_head": 64,
+    "channel_mult_noise": None, "channel_mult_emb": None, "resample_filter": [1, 1],
+}
+RUNTIME_KWARGS = ("use_fp16", "class_name")  # how EDM2 ran the network, not what it computes
+ARCHITECTURE_KWARGS = {"model_channels": "channels", "channel_mult": "channel_mult", "num_blocks": "num_blocks",
+                       "attn_resolutions": "attn_resolutions", "dropout": "dropout"}
+RENAMED = {"logvar_fourier.": "u_fourier.", "logvar_linear.": "u_linear."}  # EDM2's name -> onestep's
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def network_arguments(record: Persistent) -> dict[str, Any]:
+    """`build_denoiser`'s arguments for an EDM2 `Precond` record, from its constructor arguments."""
+    if record.class_name != "Precond":
+        raise ValueError(f"expected EDM2's network (class Precond), found class {record.class_name!r}")
+    kwargs = record.init_kwargs
+    for name, value in kwargs.items():
+        if name in FIXED_KWARGS and _plain(value) != FIXED_KWARGS[name]:
+            raise ValueError(f"the EDM2 network has {name}={value!r}; onestep's network fixes it at "
+                             f"{FIXED_KWARGS[name]!r}, so it cannot compute the same function")
+    unknown = sorted(set(kwargs) - set(FIXED_KWARGS) - set(RUNTIME_KWARGS) - set(ARCHITECTURE_KWARGS)
+                     - {"img_resolution", "img_channels", "label_dim"})
+    if unknown:
+        raise ValueError(f"the EDM2 network has constructor arguments onestep does not know: {unknown}")
+    overrides = {ours: _plain(kwargs[theirs]) for theirs, ours in ARCHITECTURE_KWARGS.items() if theirs in kwargs}
+    return {"preset": "S", "img_resolution": int(kwargs["img_resolution"]), "img_channels": int(kwargs["img_channels"]),
+            "num_classes": int(kwargs["label_dim"]), **overrides}  # S: EDM2's UNet defaults, then the file's
+
+
+def network_state(record: Persistent) -> dict[str, torch.Tensor]:
+    """The record's tensors under onestep's names, float32 (the release stores float16)."""
+    out = {}
+    for name, value in tensors(record).items():
+        for theirs, ours in RENAMED.items():
+            name = ours + name[len(theirs):] if name.startswith(theirs) else name
+        out[name] = value.float().contiguous()
+    return out
+
+
+def import_network(url: str, out: str, key: str = "ema") -> dict[str, Any]:
+    """Write `out/network.json` and `out/network.safetensors` (the format the stages read) from an EDM2
+    release pickle at `url` (its `key` entry, `ema` in EDM2's files); returns the network config."""
+    from pipeline.models.edm2 import build_denoiser
+    from pipeline.training import weights_bytes
+
+    top = load(url)
+    record = top.get(key) if isinstance(top, dict) else top
+    if not isinstance(record, Persistent):
+        found = sorted(top) if isinstance(top, dict) else type(top).__name__
+        raise ValueError(f"{store.redact(url)} holds no EDM2 network under {key!r} (found {found})")
+    net = build_denoiser(**network_arguments(record))
+    try:
+        net.load_state_dict(network_state(record))
+    except RuntimeError as e:  # missing / unexpected names or other shapes: another architecture
+        raise ValueError(f"{store.redact(url)}: the EDM2 network's tensors do not fit onestep's network "
+                         f"{net.config}: {e}") from e
+    store.write_bytes(store.join(out, "network.safetensors"), weights_bytes(net.state_dict()))
+    store.write_bytes(store.join(out, "network.json"), json.dumps(net.config, indent=2).encode())
+    return net.config

@@ -3,6 +3,7 @@ records of a small random network, float16 tensors, a dnnlib EasyDict on top, nu
 files that carry other globals, a nested storage that does, or are cut short."""
 
 import io
+import json
 import os
 import pickle
 import sys
@@ -12,8 +13,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline import cli
 from pipeline.models import edm2_release as R
 from pipeline.models.edm2 import build_denoiser
+from pipeline.training import read_weights
 
 
 def _fake_module(name: str, **members) -> types.ModuleType:
@@ -45,7 +48,8 @@ def release_pickler(monkeypatch):
     class Pickler(pickle.Pickler):
         def reducer_override(self, obj):
             if isinstance(obj, torch.nn.Module) and not isinstance(obj, (torch.nn.ModuleList, torch.nn.ModuleDict)):
-                state = dict(obj.__dict__, _init_args=(), _init_kwargs={"kind": type(obj).__name__})
+                kwargs = obj.__dict__.get("edm2_kwargs", {"kind": type(obj).__name__})
+                state = dict(obj.__dict__, _init_args=(), _init_kwargs=kwargs)
                 meta = {"type": "class", "version": 6, "module_src": "import os\nos.system('touch PWNED')\n",
                         "class_name": type(obj).__name__, "state": state}
                 return _reconstruct_persistent_obj, (meta,)
@@ -136,3 +140,56 @@ def test_a_truncated_file_is_a_clear_error(release_pickler, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"edm2-img64-s-1073741-0.075.pkl is not a complete EDM2 pickle.*download it again"):
         R.load(str(path))
+
+
+class Precond(torch.nn.Module):
+    """EDM2's top level around onestep's network: its module names and its constructor arguments."""
+
+    def __init__(self, net: torch.nn.Module, **edm2_kwargs) -> None:
+        super().__init__()
+        self.unet, self.logvar_fourier, self.logvar_linear = net.unet, net.u_fourier, net.u_linear
+        self.edm2_kwargs = edm2_kwargs
+
+
+EDM2_KWARGS = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=True, sigma_data=0.5, logvar_channels=128,
+                   model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
+
+
+def test_import_edm2_writes_the_network_the_stages_read(release_pickler, tmp_path, capsys):
+    torch.manual_seed(0)
+    net = build_denoiser("S", 16, 3, 10, channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8]).half()
+    path = tmp_path / "edm2-img16-test-0.100.pkl"
+    path.write_bytes(release_pickler(EasyDict(ema=Precond(net, **EDM2_KWARGS), dataset_kwargs={"resolution": 16})))
+    out = tmp_path / "imported"
+    assert cli.main(["import-edm2", str(path), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    config = json.loads((out / "network.json").read_text())
+    assert config == {**net.config, "preset": "S"}
+    imported = build_denoiser(**config)
+    weights = read_weights(str(out / "network.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    imported.load_state_dict(weights)
+    x, sigma, labels = torch.randn(3, 3, 16, 16), torch.tensor([0.1, 1.0, 20.0]), torch.tensor([0, 4, 9])
+    expected, expected_u = net.float()(x, sigma, labels, return_u=True)
+    got, got_u = imported(x, sigma, labels, return_u=True)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got_u, expected_u)  # EDM2's logvar head became onestep's u(sigma)
+
+
+@pytest.mark.parametrize("change,named", [({"sigma_data": 1.0}, "sigma_data=1.0"),
+                                          ({"concat_balance": 0.7}, "concat_balance=0.7"),
+                                          ({"fancy_new_option": 1}, "fancy_new_option"),
+                                          ({"model_channels": 96}, "do not fit")])
+def test_networks_onestep_cannot_compute_are_refused(change, named, release_pickler, tmp_path, capsys):
+    net = build_denoiser("S", 16, 3, 10, channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
+    path = tmp_path / "other.pkl"
+    path.write_bytes(release_pickler(EasyDict(ema=Precond(net, **{**EDM2_KWARGS, **change}))))
+    assert cli.main(["import-edm2", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert named in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_import_edm2_refuses_a_file_that_runs_code(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"ema": RunsCode()}))
+    assert cli.main(["import-edm2", "evil.pkl", "--out", "out"]) == 2
+    assert "refused" in capsys.readouterr().err and not (tmp_path / "PWNED").exists()
