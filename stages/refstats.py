@@ -29,7 +29,9 @@ from pipeline.data.encoders import decode_images, encoder_from_info
 from pipeline.data.shards import reader
 from pipeline.executor import Resources
 from pipeline.metrics.features import DOWNLOAD, NETWORKS, SETTING, load_network, metric_name, worker_network
+from pipeline.metrics.dinov2 import DINOV2_DIM
 from pipeline.metrics.fid import FEATURE_DIM, FeatureStats
+from pipeline.models import edm2_release
 from pipeline.store import Artifact
 from pipeline.training import mix_seed
 
@@ -112,27 +114,43 @@ def dataset_stats(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact,
             for name in networks}
 
 
-def read_stats(url: str) -> tuple[np.ndarray, np.ndarray]:
-    """(mu [2048], sigma [2048, 2048]) in float64 from a published npz at any fsspec URL."""
+EDM2_REFS = {"inception": "fid", "dinov2": "fd_dinov2"}  # network -> its entry in EDM2's dataset-refs pickle
+DIMS = {"inception": FEATURE_DIM, "dinov2": DINOV2_DIM}
+
+
+def read_stats(url: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Published reference statistics, network -> (mu, sigma) in float64: an .npz of Inception's
+    (clean-fid, ADM, EDM), or EDM2's dataset-refs .pkl (FID and FD_DINOv2), read without running
+    anything in it."""
     def bad(reason: str) -> ValueError:
-        return ValueError(f"refstats.stats={store.redact(url)!r}: {reason}. Expected an .npz with "
-                          f"mu [{FEATURE_DIM}] and sigma [{FEATURE_DIM}, {FEATURE_DIM}] (clean-fid, ADM, EDM "
-                          "reference statistics), or leave refstats.stats empty to compute them from the dataset")
+        return ValueError(f"refstats.stats={store.redact(url)!r}: {reason}. Expected an .npz with mu [{FEATURE_DIM}] "
+                          f"and sigma [{FEATURE_DIM}, {FEATURE_DIM}] (clean-fid, ADM, EDM reference statistics) or "
+                          "EDM2's dataset-refs .pkl, or leave refstats.stats empty to compute them from the dataset")
 
     try:
-        with store.open_url(url) as f, np.load(f, allow_pickle=False) as npz:
-            names = sorted(npz.files)
-            arrays = {k: np.asarray(npz[k], np.float64) for k in ("mu", "sigma") if k in names}
-    except Exception as e:  # missing file, not an npz, truncated, pickled objects, no credentials
+        if url.lower().endswith(".pkl"):
+            refs = edm2_release.load(url)
+            found = {name: refs[key] for name, key in EDM2_REFS.items() if isinstance(refs, dict) and key in refs}
+            names = sorted(refs) if isinstance(refs, dict) else type(refs).__name__
+        else:
+            with store.open_url(url) as f, np.load(f, allow_pickle=False) as npz:
+                names = sorted(npz.files)
+                found = {"inception": {k: npz[k] for k in ("mu", "sigma") if k in names}}
+    except Exception as e:  # missing file, not an npz / pickle, truncated, refused globals, no credentials
         raise bad(f"cannot read it ({type(e).__name__}: {e})") from e
-    if len(arrays) < 2:
-        raise bad(f"no mu and sigma arrays (it holds {names})")
-    mu, sigma = arrays["mu"], arrays["sigma"]
-    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
-        raise bad(f"mu has shape {mu.shape}, sigma {sigma.shape}")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise bad("mu or sigma holds NaN or infinite values")
-    return mu, sigma
+    out = {}
+    for name, arrays in found.items():
+        if not isinstance(arrays, dict) or not {"mu", "sigma"} <= set(arrays):
+            raise bad(f"no mu and sigma arrays (it holds {names})")
+        mu, sigma, dim = np.asarray(arrays["mu"], np.float64), np.asarray(arrays["sigma"], np.float64), DIMS[name]
+        if mu.shape != (dim,) or sigma.shape != (dim, dim):
+            raise bad(f"{name}: mu has shape {mu.shape}, sigma {sigma.shape}")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise bad(f"{name}: mu or sigma holds NaN or infinite values")
+        out[name] = mu, sigma
+    if not out:
+        raise bad(f"no statistics of Inception (fid) or DINOv2 (fd_dinov2) (it holds {names})")
+    return out
 
 
 def _write_npz(artifact: Artifact, name: str, **arrays: np.ndarray) -> None:
@@ -142,13 +160,14 @@ def _write_npz(artifact: Artifact, name: str, **arrays: np.ndarray) -> None:
         f.write(buf.getvalue())
 
 
-def choose_networks(cfg: RefstatsConfig, log: Any) -> tuple[dict[str, Any], dict[str, str]]:
+def choose_networks(cfg: RefstatsConfig, log: Any, published: frozenset[str] = frozenset()) -> tuple[dict[str, Any], dict[str, str]]:
     """(name -> (weights, network) of each network to use, name -> why another is not), loaded here on
-    the driver: bad weights fail before any task; under "auto" a network that cannot be had is skipped."""
+    the driver: bad weights fail before any task; under "auto" a network that cannot be had is skipped,
+    unless published statistics of it were given."""
     chosen, skipped = {}, {}
     for name in NETWORKS:
         weights = getattr(cfg, SETTING[name].split(".", 1)[1])
-        strict = weights != "auto" or (name == "inception" and bool(cfg.stats))  # published stats need it
+        strict = weights != "auto" or name in published  # published statistics need their network
         weights = DOWNLOAD[name] if weights == "auto" else weights
         if not weights:
             skipped[name] = f"{SETTING[name]} is empty"
@@ -165,8 +184,8 @@ def choose_networks(cfg: RefstatsConfig, log: Any) -> tuple[dict[str, Any], dict
 
 def run(ctx: StageContext, cfg: RefstatsConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
     ctx.executor.check(Resources(cfg.num_cpus, cfg.num_gpus), "refstats")
-    chosen, skipped = choose_networks(cfg, ctx.log)
-    published = {"inception": read_stats(cfg.stats)} if cfg.stats else {}
+    published = read_stats(cfg.stats) if cfg.stats else {}
+    chosen, skipped = choose_networks(cfg, ctx.log, frozenset(published))
     to_compute = {name: weights for name, (weights, _) in chosen.items() if name not in published}
     computed = dataset_stats(ctx, cfg, inputs["encode"], to_compute) if to_compute else {}
     networks = {}

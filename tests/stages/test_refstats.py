@@ -1,6 +1,8 @@
 """The refstats stage on the ci data with a tiny TorchScript Inception loaded like the real one."""
 
 import io
+import os
+import pickle
 from dataclasses import replace
 from pathlib import Path
 
@@ -103,12 +105,16 @@ def test_vae_samples_do_not_depend_on_the_batch(tmp_path, inception):
     assert np.array_equal(same, decode_images(encoder, stored, [1, 2])) and not np.array_equal(same, other)
 
 
-def test_a_published_npz_is_used_as_is(tmp_path, inception):
+@pytest.mark.parametrize("kind", ["npz", "pkl"])  # clean-fid/ADM/EDM's npz, EDM2's dataset-refs pickle
+def test_published_statistics_are_used_as_is(tmp_path, inception, kind):
     rng = np.random.default_rng(0)
     mu, sigma = rng.normal(size=2048).astype(np.float32), np.diag(rng.uniform(1, 2, 2048))
-    url = "memory://refs/imagenet64.npz"
+    url = f"memory://refs/imagenet64.{kind}"
     buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma)
+    if kind == "npz":
+        np.savez(buf, mu=mu, sigma=sigma)
+    else:
+        pickle.dump({"num_images": 1281167, "fid": {"mu": mu, "sigma": sigma}}, buf)
     store.write_bytes(url, buf.getvalue())
     executor = CountingExecutor()
     cfg = _cfg(tmp_path, inception, f"refstats.stats={url}")
@@ -130,8 +136,8 @@ def _npz(**arrays) -> bytes:
     (_npz(mu=np.zeros(2048), sigma=np.eye(2048))[:5000], "cannot read it"),
     (b"not an npz at all", "cannot read it"),
     (_npz(mean=np.zeros(2048), cov=np.eye(2048)), r"no mu and sigma arrays \(it holds \['cov', 'mean'\]\)"),
-    (_npz(mu=np.zeros(64), sigma=np.eye(64)), r"mu has shape \(64,\)"),
-    (_npz(mu=np.full(2048, np.nan), sigma=np.eye(2048)), "mu or sigma holds NaN"),
+    (_npz(mu=np.zeros(64), sigma=np.eye(64)), r"inception: mu has shape \(64,\)"),
+    (_npz(mu=np.full(2048, np.nan), sigma=np.eye(2048)), "inception: mu or sigma holds NaN"),
 ])
 def test_a_bad_npz_is_a_clear_error(tmp_path, data, message):
     (tmp_path / "ref.npz").write_bytes(data)
@@ -180,3 +186,27 @@ def test_auto_skips_a_network_that_cannot_be_had_and_says_why(tmp_path, inceptio
     off = _refstats(_cfg(tmp_path / "off", inception, "refstats.inception_weights=", "refstats.dinov2_weights="))[0]
     assert off == {"networks": {}, "skipped": {"inception": "refstats.inception_weights is empty",
                                                "dinov2": "refstats.dinov2_weights is empty"}}
+
+
+class RunsCode:
+    def __reduce__(self):
+        return os.system, ("touch PWNED",)
+
+
+def test_edm2_dataset_refs_give_fid_and_fd_dinov2_statistics(tmp_path, monkeypatch):
+    rng = np.random.default_rng(1)
+    refs = {"num_images": 1281167, "fid": {"mu": rng.normal(size=2048).astype(np.float32), "sigma": np.eye(2048)},
+            "fd_dinov2": {"mu": rng.normal(size=1024), "sigma": np.diag(rng.uniform(1, 2, 1024))}}
+    path = tmp_path / "img512.pkl"
+    path.write_bytes(pickle.dumps(refs))
+    stats = R.read_stats(str(path))
+    assert set(stats) == {"inception", "dinov2"} and all(a.dtype == np.float64 for pair in stats.values() for a in pair)
+    assert np.array_equal(stats["inception"][0], refs["fid"]["mu"]) and np.array_equal(stats["dinov2"][1], refs["fd_dinov2"]["sigma"])
+    monkeypatch.chdir(tmp_path)
+    for content, message in (({**refs, "extra": RunsCode()}, "cannot read it.*refused posix.system|cannot read it.*refused os.system"),
+                             ({"num_images": 3}, r"no statistics of Inception \(fid\) or DINOv2"),
+                             ({"fd_dinov2": {"mu": np.zeros(768), "sigma": np.eye(768)}}, r"dinov2: mu has shape \(768,\)")):
+        path.write_bytes(pickle.dumps(content))
+        with pytest.raises(ValueError, match=f"refstats.stats=.*img512.pkl.*{message}"):
+            R.read_stats(str(path))
+    assert not (tmp_path / "PWNED").exists()
