@@ -242,9 +242,9 @@ class DistillConfig:
     lpips_size: int = 224  # images are upsampled to this before LPIPS (DMD: 224)
     lpips_decoder: str = ""  # latent models: a lighter decoder for LPIPS (AutoencoderTiny, e.g. madebyollin/taesd)
     guidance: float = 1.0  # for the real score (the fake score stays unguided); w != 1 needs pairs.guide
-    duration_nimg: int = 25_600_000  # generator images
-    checkpoint_nimg: int = 1_000_000
-    log_nimg: int = throughput(100_000)
+    duration_nimg: int = 76190 * 336  # generator images (~25.6M; multiples of the batch)
+    checkpoint_nimg: int = 2976 * 336
+    log_nimg: int = throughput(300 * 336)
     num_workers: int = throughput(1)
     use_gpu: bool = throughput(False)
     max_failures: int = throughput(2)
