@@ -57,6 +57,15 @@ def read_weights(url: str) -> dict[str, torch.Tensor]:
     return safetensors.torch.load(store.read_bytes(url))
 
 
+CPU_BF16 = "ONESTEP_CPU_BF16"  # =1: the GPUs' bf16 autocast on CPUs too (tests; slow on most CPUs)
+
+
+def mixed_precision(device: torch.device) -> torch.autocast:
+    """bf16 autocast on GPUs: bf16 matmuls and convolutions, fp32 weights and losses. Off on CPUs unless
+    $ONESTEP_CPU_BF16=1, which runs the same regions in bf16 so that CPU tests catch dtype bugs."""
+    return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or os.environ.get(CPU_BF16) == "1")
+
+
 def save_network(artifact: store.Artifact, name: str, net: Denoiser, state: dict[str, torch.Tensor] | None = None) -> None:
     """`{name}.safetensors` (weights) and `{name}.json` (the config that rebuilds the network)."""
     with artifact.open(f"{name}.safetensors", "wb") as f:

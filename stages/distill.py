@@ -31,8 +31,8 @@ from pipeline.diffusion.loss import sample_sigma
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
-from pipeline.training import (MetricsLog, gather_metrics, load_network, load_state, mix_seed, save_network,
-                               save_state)
+from pipeline.training import (MetricsLog, gather_metrics, load_network, load_state, mix_seed, mixed_precision,
+                               save_network, save_state)
 
 VERSION = "3"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G
 UPSTREAM = ("encode", "teacher", "phema", "pairs")
@@ -92,17 +92,12 @@ def _latents(batch: int, net: Denoiser, device: torch.device) -> tuple[torch.Ten
     return z, labels
 
 
-def _bf16(device: torch.device) -> torch.autocast:
-    """Mixed precision on GPUs, as the teacher: bf16 matmuls and convolutions, fp32 weights and losses."""
-    return torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda")
-
-
 def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batch: int, device: torch.device,
                 x: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> float:
     """One fake-score step with the teacher's denoising loss on G's outputs `x` (labels), detached;
     without x, on a fresh batch of G (DMD2's extra fake-score updates)."""
     loss_cfg = args.teacher_loss
-    with _bf16(device):
+    with mixed_precision(device):
         if x is None:
             z, labels = _latents(batch, nets.real, device)
             with torch.no_grad():
@@ -133,11 +128,11 @@ def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Modu
     pz, py, plabels = (t.to(device) for t in next(pairs))
     plabels = plabels if nets.real.num_classes else None
     all_labels = None if labels is None else torch.cat([labels, plabels])
-    with _bf16(device):
+    with mixed_precision(device):
         x_all = gen_model(torch.cat([z, pz.float()]), all_labels).float()  # one DDP forward for both losses
     x, x_pairs = x_all[:batch], x_all[batch:]
     fake_losses.append(fake_update(nets, fake_model, args, batch, device, x, labels))
-    with _bf16(device):
+    with mixed_precision(device):
         sigma = sample_dm_sigma(batch, None, device)
         loss_dm, info = distribution_matching_loss(x, labels, nets.real, nets.fake, sigma, torch.randn_like(x),
                                                    guidance=cfg.guidance, guide=nets.guide)

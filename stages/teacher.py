@@ -28,8 +28,8 @@ from pipeline.diffusion.loss import edm2_loss, sample_sigma
 from pipeline.diffusion.phema import PowerFunctionEMA
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.store import Artifact
-from pipeline.training import (MetricsLog, gather_metrics, load_state, mix_seed, save_network, save_state,
-                               weights_bytes, zero_nonfinite_grads_)
+from pipeline.training import (MetricsLog, gather_metrics, load_state, mix_seed, mixed_precision, save_network,
+                               save_state, weights_bytes, zero_nonfinite_grads_)
 from pipeline.models.edm2 import Denoiser, build_denoiser
 
 VERSION = "2"  # 2: attention reads qkv in EDM2's channel order
@@ -76,7 +76,7 @@ def train_step(model: torch.nn.Module, params: list[torch.nn.Parameter], opt: to
     """
     opt.zero_grad(set_to_none=True)
     per_sample = []
-    autocast = torch.autocast("cuda", torch.bfloat16, enabled=rounds[0].y.is_cuda)
+    autocast = mixed_precision(rounds[0].y.device)
     for i, r in enumerate(rounds):
         last = i == len(rounds) - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
