@@ -6,6 +6,7 @@
     python workflows/bench.py pairs       # pairs/s (1 vs 2 Ray workers) against the forward-pass bound
     python workflows/bench.py distill     # one distill step against the sum of its passes, each timed alone
     python workflows/bench.py evaluate    # probe and Inception features images/s; evaluate's share of the demo
+    python workflows/bench.py gpu         # the first GPU run: gpu tests, XS/S bf16 images/s and MFU, sampler
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ def _round(batch: int, channels: int, resolution: int, num_classes: int, device:
 
 def _forward_backward(net: Denoiser, r: T.Round, bf16: bool) -> None:
     net.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", torch.bfloat16, enabled=bf16):
+    with torch.autocast(r.y.device.type, torch.bfloat16, enabled=bf16):
         edm2_loss(net, r.y, r.labels, r.sigma, r.noise).loss.backward()
 
 
@@ -224,20 +225,57 @@ def _loop_rate(s: TrainSetting, root: str) -> float:
     return statistics.median(row["img_per_s"] for row in gather_metrics(artifact)[1:])
 
 
-def _gpu_rows(batch: int, peak_tflops: float) -> list[tuple[str, str, str]]:
-    """XS and S at 64x64x4 in bf16 autocast: images/s and FLOPs (FlopCounterMode) / time / peak."""
+def _gpu_rows(batch: int, peak_tflops: float, compile_too: bool = False, presets: tuple[str, ...] = ("XS", "S"),
+              device: str = "cuda") -> list[tuple[str, str, str]]:
+    """XS and S at 64x64x4 in bf16 autocast: images/s and FLOPs (FlopCounterMode, eager) / time / peak;
+    with compile_too, the same step through torch.compile (teacher.compile)."""
     rows = []
-    for preset in ("XS", "S"):
+    for preset in presets:
         torch.manual_seed(0)
-        net = build_denoiser(preset, 64, 4, 1000).cuda().train()
-        r = _round(batch, 4, 64, 1000, torch.device("cuda"))
+        net = build_denoiser(preset, 64, 4, 1000).to(device).train()
+        r = _round(batch, 4, 64, 1000, torch.device(device))
         with FlopCounterMode(display=False) as counter:
             _forward_backward(net, r, bf16=True)
-        seconds = _step_seconds(net, r, warmup=5, iters=20, bf16=True)
-        fraction = counter.get_total_flops() / seconds / (peak_tflops * 1e12)
-        rows += [(f"GPU images/s, {preset} 64x64x4 bf16, batch {batch}", f"{batch / seconds:,.0f}", ""),
-                 (f"GPU fraction of peak bf16 ({peak_tflops:g} TFLOPS), same", f"{fraction:.1%}", ">= 35%")]
+        for compiled in (False, True) if compile_too else (False,):
+            model = torch.compile(net) if compiled else net
+            seconds = _step_seconds(model, r, warmup=5, iters=20, bf16=True)
+            fraction = counter.get_total_flops() / seconds / (peak_tflops * 1e12)
+            how = "bf16 + torch.compile" if compiled else "bf16"
+            rows += [(f"GPU images/s, {preset} 64x64x4 {how}, batch {batch}", f"{batch / seconds:,.0f}", ""),
+                     (f"GPU fraction of peak bf16 ({peak_tflops:g} TFLOPS), same", f"{fraction:.1%}", ">= 35%")]
     return rows
+
+
+def _gpu_sampler_rows(batch: int, device: str = "cuda", preset: str = "XS") -> list[tuple[str, str, str]]:
+    """The Heun sampler on an XS 64x64x4 network: images/s at evaluate's 32 steps, pairs/s at DMD's 256."""
+    net = build_denoiser(preset, 64, 4, 1000).to(device).eval()
+    noise, labels = seeded_noise(list(range(batch)), (4, 64, 64), 1000, device)
+    rows = []
+    for steps, what in ((32, "evaluate: images/s"), (256, "pairs: pairs/s")):
+        with torch.no_grad():
+            seconds = _median_seconds(partial(edm_sampler, net, noise, labels, num_steps=steps), warmup=1, iters=3)
+        rows.append((f"Heun sampler, {preset} 64x64x4 fp32, {steps} steps, batch {batch}: {what}",
+                     f"{batch / seconds:,.1f}", ""))
+    return rows
+
+
+def bench_gpu(a: argparse.Namespace) -> None:
+    """The first GPU run in one command (under 8 minutes on one H100): the gpu-marked tests (bf16
+    against fp32, the ci DAG with every GPU setting over NCCL), then XS and S training images/s and
+    fraction of peak in bf16, eager and compiled, and the sampler's images/s and pairs/s."""
+    if not torch.cuda.is_available():
+        raise SystemExit("bench.py gpu needs a CUDA GPU (torch.cuda.is_available() is False); "
+                         "`bench.py train` and `bench.py pairs` measure the CPU")
+    root = Path(__file__).resolve().parent.parent
+    start = time.perf_counter()
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests/gpu"], cwd=root)
+    rows = [("gpu-marked tests (bf16 vs fp32, the ci DAG on the GPU over NCCL)",
+             "passed" if tests.returncode == 0 else f"FAILED (exit {tests.returncode}, output above)", "passed"),
+            ("their wall time s", f"{time.perf_counter() - start:.0f}", "")]
+    rows += _gpu_rows(a.gpu_batch, a.peak_tflops, compile_too=True)
+    rows += _gpu_sampler_rows(a.sample_batch)
+    rows.append(("GPU " + torch.cuda.get_device_name(), f"{time.perf_counter() - start:.0f} s in all", "<= 480 s"))
+    table(rows)
 
 
 CI = TrainSetting("ci", 16, 10, 32, RgbEncoder().info(), bare_iters=10, steps_per_row=2, rows=5)
@@ -588,6 +626,10 @@ def main() -> None:
     distill.add_argument("--preset", default="ci", choices=("ci", "demo"))
     distill.add_argument("--iters", type=int, default=5, help="timed repeats of the step and of each pass")
     distill.add_argument("--threads", type=int, default=1)
+    gpu = sub.add_parser("gpu")
+    gpu.add_argument("--gpu-batch", type=int, default=64, help="images per GPU pass for XS and S")
+    gpu.add_argument("--peak-tflops", type=float, default=989, help="dense bf16 peak (989: H100 SXM)")
+    gpu.add_argument("--sample-batch", type=int, default=256)
     evaluate = sub.add_parser("evaluate")
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.add_argument("--iters", type=int, default=5)
@@ -605,6 +647,8 @@ def main() -> None:
         bench_distill(args)
     if args.what == "evaluate":
         bench_evaluate(args)
+    if args.what == "gpu":
+        bench_gpu(args)
 
 
 if __name__ == "__main__":
