@@ -175,6 +175,9 @@ def network_arguments(record: Persistent) -> dict[str, Any]:
     if record.class_name != "Precond":
         raise ValueError(f"expected EDM2's network (class Precond), found class {record.class_name!r}")
     kwargs = record.init_kwargs
+    missing = [k for k in ("img_resolution", "img_channels", "label_dim") if k not in kwargs]
+    if missing:
+        raise ValueError(f"the EDM2 network's saved constructor arguments lack {missing}: not a Precond of EDM2's release")
     for name, value in kwargs.items():
         if name in FIXED_KWARGS and _plain(value) != FIXED_KWARGS[name]:
             raise ValueError(f"the EDM2 network has {name}={value!r}; onestep's network fixes it at "
