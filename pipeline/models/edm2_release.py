@@ -12,8 +12,8 @@ source is kept as text and never executed. Everything else in a file is refused.
 
 from __future__ import annotations
 
+import functools
 import io
-import json
 import pickle
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -78,13 +78,9 @@ def _load_from_bytes(data: bytes) -> Any:
         raise UnsafePickleError(f"a nested torch storage asks for more than tensors: {e}") from e
 
 
-_torch_modules: dict[str, type] = {}
-
-
+@functools.cache
 def _torch_module(name: str) -> type:
-    if name not in _torch_modules:
-        _torch_modules[name] = type(name, (TorchModule,), {"class_name": name})
-    return _torch_modules[name]
+    return type(name, (TorchModule,), {"class_name": name})
 
 
 _ALLOWED = {  # (module, name) -> what it becomes here
@@ -205,7 +201,7 @@ def import_network(url: str, out: str, key: str = "ema") -> dict[str, Any]:
     """Write `out/network.json` and `out/network.safetensors` (the format the stages read) from an EDM2
     release pickle at `url` (its `key` entry, `ema` in EDM2's files); returns the network config."""
     from pipeline.models.edm2 import build_denoiser
-    from pipeline.training import weights_bytes
+    from pipeline.training import save_network
 
     top = load(url)
     record = top.get(key) if isinstance(top, dict) else top
@@ -218,6 +214,5 @@ def import_network(url: str, out: str, key: str = "ema") -> dict[str, Any]:
     except RuntimeError as e:  # missing / unexpected names or other shapes: another architecture
         raise ValueError(f"{store.redact(url)}: the EDM2 network's tensors do not fit onestep's network "
                          f"{net.config}: {e}") from e
-    store.write_bytes(store.join(out, "network.safetensors"), weights_bytes(net.state_dict()))
-    store.write_bytes(store.join(out, "network.json"), json.dumps(net.config, indent=2).encode())
+    save_network(store.Artifact(out), "network", net)  # as the teacher stage writes its network
     return net.config
