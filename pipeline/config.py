@@ -24,6 +24,16 @@ def throughput(default: Any) -> Any:
     return field(default=default, metadata={"throughput": True})
 
 
+def content(default: str = "") -> Any:
+    """A URL field whose cache-key part is what it points to (sha256 of a file, a folder's listing),
+    not the URL: another mirror of the same file keeps the key, a changed file changes it."""
+    return field(default=default, metadata={"content": True})
+
+
+def content_fields(section: Any) -> list[str]:
+    return [f.name for f in dataclasses.fields(section) if f.metadata.get("content")]
+
+
 def _check_choice(section: str, name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{section}.{name} = {value!r}: expected one of {', '.join(choices)}")
@@ -68,8 +78,12 @@ class EncodeConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """EDM2 training (papers.md: EDM2 "Loss and optimisation", "Power-function EMA")."""
+    """EDM2 training (papers.md: EDM2 "Loss and optimisation", "Power-function EMA"), or a teacher
+    NVIDIA released: `source: edm2-release` (a post-hoc reconstruction .pkl, used as it is) or
+    `edm2-snapshots` (a folder of EDM2's raw EMA snapshots, which phema reconstructs)."""
 
+    source: str = "train"  # train | edm2-release | edm2-snapshots
+    release: str = content()  # edm2-release: URL of the .pkl; edm2-snapshots: URL of the folder
     preset: str = "demo"  # network: XS, S, M, L, XL, XXL, or the small ci / demo
     channels: int | None = None  # architecture overrides of the preset
     channel_mult: tuple[int, ...] | None = None
@@ -99,6 +113,11 @@ class TeacherConfig:
     log_nimg: int = throughput(1 << 20)  # a metrics row every this many images
 
     def __post_init__(self) -> None:
+        _check_choice("teacher", "source", self.source, ("train", "edm2-release", "edm2-snapshots"))
+        if (self.source == "train") == bool(self.release):
+            raise ValueError(f"teacher.release = {self.release!r} with teacher.source = {self.source}: a released "
+                             "teacher needs teacher.release (the .pkl, or the folder of snapshots), training one "
+                             "takes none")
         _check_choice("teacher", "weighting", self.weighting, ("edm2", "min_snr"))
         _check_positive("teacher", batch=self.batch, duration_nimg=self.duration_nimg, lr=self.lr,
                         P_std=self.P_std, snapshot_nimg=self.snapshot_nimg, log_nimg=self.log_nimg,
@@ -156,7 +175,7 @@ class ProbeConfig:
 class RefstatsConfig:
     """Reference statistics of pretrained feature networks: Inception (FID) and DINOv2 (FD_DINOv2)."""
 
-    stats: str = ""  # URL of a reference npz (mu, sigma) of Inception to use instead of computing them
+    stats: str = content()  # URL of a reference npz (mu, sigma) of Inception to use instead of computing them
     # Inception for refstats AND evaluate: "auto" (clean-fid's download; skipped, and said so, if it
     # cannot be had), "clean-fid" (the same, but an error if it cannot), a path/URL of the TorchScript
     # file (offline clusters), "random" (fixed random weights: "FD (random-weight Inception)", never
@@ -208,7 +227,9 @@ class PairsConfig:
     num_pairs: int = 25000  # DMD used 25,000 for ImageNet-64
     num_steps: int = 256  # Heun steps (DMD used 256)
     guidance: float = 1.0  # w != 1 needs `guide`
-    guide: str = ""  # URL of an artifact folder with network.json + network.safetensors (e.g. an unconditional teacher)
+    # The guiding network (e.g. an unconditional teacher): a folder with network.json + network.safetensors,
+    # or an EDM2 release .pkl (e.g. edm2-img512-xs-uncond-2147483-0.045.pkl)
+    guide: str = content()
     seed: int = 0  # pair i uses seed `seed + i`
     pairs_per_shard: int = 1000
     batch: int = throughput(64)

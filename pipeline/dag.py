@@ -78,11 +78,24 @@ def graph() -> dict[str, Node]:
     return nodes
 
 
+def key_config(node: Node, cfg: C.Config) -> dict[str, Any]:
+    """The stage's result fields, with each content field's URL replaced by what it points to."""
+    section = node.config(cfg)
+    fields = C.result_fields(section)
+    for name in C.content_fields(section):
+        if fields[name]:
+            try:
+                fields[name] = {"content": store.Store(cfg.storage).content_id(fields[name])}
+            except ValueError as e:
+                raise ValueError(f"{node.section or node.name}.{name}: {e}: fix the URL, or leave it empty") from None
+    return fields
+
+
 def stage_key(node: Node, cfg: C.Config, upstream_keys: dict[str, str]) -> str:
     payload = {
         "stage": node.name,
         "version": node.version,
-        "config": C.result_fields(node.config(cfg)),
+        "config": key_config(node, cfg),
         "seed": cfg.seed,
         "upstream": upstream_keys,
     }

@@ -356,3 +356,37 @@ class Store:
 
     def artifact(self, stage: str, key: str) -> Artifact:
         return Artifact(join(self.root, stage, key))
+
+    def content_id(self, url: str) -> str:
+        """What a URL points to, for cache keys: a file's sha256 (streamed once, then remembered in
+        `{root}/_sha256/` by URL, size and the store's ETag or modification time), or for a folder the
+        sha256 of its listing (relative names and sizes: its files are not read)."""
+        fs, path = _fs(normalize_url(url))
+        try:
+            info = fs.info(path)
+        except FileNotFoundError:
+            raise ValueError(f"{redact(url)} does not exist") from None
+        if info["type"] == "directory":
+            return "listing:" + _sha256_json(sizes(url))
+        stamp = {k: str(info[k]) for k in _STAMPS if info.get(k) is not None}
+        memo = join(self.root, "_sha256", _sha256_json({"url": redact(url), "size": info.get("size"), **stamp})[:32] + ".json")
+        try:
+            return json.loads(read_bytes(memo))["sha256"]
+        except (FileNotFoundError, KeyError, ValueError):
+            pass
+        digest = hashlib.sha256()
+        with fs.open(path, "rb") as f:
+            for block in iter(lambda: f.read(8 << 20), b""):
+                digest.update(block)
+        try:
+            write_bytes(memo, json.dumps({"url": redact(url), "sha256": digest.hexdigest()}).encode())
+        except OSError:  # a read-only storage: hashed again next time
+            pass
+        return digest.hexdigest()
+
+
+_STAMPS = ("ETag", "etag", "ETAG", "mtime", "LastModified", "last_modified", "Last-Modified", "updated", "generation")
+
+
+def _sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()

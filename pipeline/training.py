@@ -80,6 +80,22 @@ def load_network(artifact: store.Artifact, name: str, weights: str | None = None
     return net.eval().requires_grad_(False)
 
 
+def load_guide(url: str) -> Denoiser:
+    """A guiding network: a folder with network.json + network.safetensors, or an EDM2 release .pkl."""
+    if url.endswith(".pkl"):
+        from pipeline.models.edm2_release import release_network
+
+        return release_network(url)[0]
+    return load_network(store.Artifact(url), "network")
+
+
+def check_guide(url: str, field: str) -> None:
+    """Before any sampling: the guide is where `field` says."""
+    if not store.exists(url if url.endswith(".pkl") else store.join(url, "network.json")):
+        raise ValueError(f"{field} = {store.redact(url)}: no EDM2 release .pkl, or folder with network.json + "
+                         "network.safetensors, there: fix the URL (or set the guidance to 1 and drop the guide)")
+
+
 class MetricsLog:
     """Rows of metrics: printed as a progress line on rank 0, written as JSONL pieces per chunk."""
 

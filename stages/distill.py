@@ -31,7 +31,7 @@ from pipeline.diffusion.loss import sample_sigma
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
-from pipeline.training import (MetricsLog, gather_metrics, load_network, load_state, mix_seed, mixed_precision,
+from pipeline.training import (MetricsLog, gather_metrics, load_guide, load_network, load_state, mix_seed, mixed_precision,
                                save_network, save_state)
 
 VERSION = "3"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G
@@ -46,7 +46,7 @@ class DistillArgs:
     teacher_loss: dict[str, Any]  # the teacher's P_mean, P_std, weighting, min_snr_gamma, use_uncertainty
     phema: Artifact
     weights: str  # the teacher variant's file in the phema artifact
-    guide: str  # folder URL of the guiding network ("" = none)
+    guide: str  # URL of the guiding network, folder or EDM2 .pkl ("" = none)
     pair_urls: list[str]
     encoder: dict[str, Any]
     artifact: Artifact
@@ -72,7 +72,7 @@ def build_nets(args: DistillArgs, device: torch.device) -> Nets:
     generator = OneStepGenerator.from_teacher(real).to(device).train()
     generator.net.u_linear.requires_grad_(False)  # G never uses the uncertainty branch
     fake = copy.deepcopy(real).requires_grad_(True).train()
-    guide = load_network(Artifact(args.guide), "network").to(device) if args.guide else None
+    guide = load_guide(args.guide).to(device) if args.guide else None
     g_params = [p for p in generator.parameters() if p.requires_grad]
     return Nets(generator, fake, real, guide, _adamw(g_params, args.cfg.lr, args.cfg),
                 _adamw(fake.parameters(), args.cfg.fake_lr, args.cfg))

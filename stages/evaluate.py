@@ -332,6 +332,9 @@ def _models(cfg: EvalConfig, inputs: dict[str, Artifact], real: bool) -> list[Mo
 
 
 def _metrics_rows(artifact: Artifact) -> list[dict[str, Any]]:
+    """A training stage's metrics rows; none for a released teacher, which was not trained here."""
+    if not artifact.exists("metrics.jsonl"):
+        return []
     return [json.loads(line) for line in store.read_bytes(artifact.path("metrics.jsonl")).decode().splitlines()]
 
 

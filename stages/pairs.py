@@ -24,7 +24,7 @@ from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import Resources
 from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
-from pipeline.training import load_network
+from pipeline.training import check_guide, load_guide, load_network
 
 VERSION = "1"
 UPSTREAM = ("phema",)
@@ -36,7 +36,7 @@ class PairsJob:
     artifact: Artifact
     teacher: Artifact  # the phema artifact
     weights: str  # the variant's file in it
-    guide: str  # folder URL of the guiding network, or ""
+    guide: str  # URL of the guiding network (folder or EDM2 .pkl), or ""
     cfg: PairsConfig
     device: str
 
@@ -47,7 +47,7 @@ def piece_name(shard: int) -> str:
 
 def _load(job: PairsJob) -> tuple[Denoiser, Denoiser | None]:
     net = load_network(job.teacher, "network", job.weights).to(job.device)
-    guide = load_network(Artifact(job.guide), "network").to(job.device) if job.guide else None
+    guide = load_guide(job.guide).to(job.device) if job.guide else None
     return net, guide
 
 
@@ -93,9 +93,8 @@ def run(ctx: StageContext, cfg: PairsConfig, inputs: dict[str, Artifact]) -> dic
     ctx.executor.check(resources, "pairs")
     variant = _variant(inputs["phema"], cfg.sigma_rel)
     guide = store.normalize_url(cfg.guide) if cfg.guide else ""
-    if guide and not store.exists(store.join(guide, "network.json")):
-        raise ValueError(f"pairs.guide = {cfg.guide}: no network.json there (a folder with network.json "
-                         "and network.safetensors, e.g. another teacher artifact)")
+    if guide:
+        check_guide(guide, "pairs.guide")
     job = PairsJob(ctx.artifact, inputs["phema"], variant["file"], guide, cfg,
                    "cuda" if cfg.num_gpus > 0 else "cpu")
     num_shards = math.ceil(cfg.num_pairs / cfg.pairs_per_shard)

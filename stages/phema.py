@@ -6,11 +6,14 @@ Each variant is a weighted sum of the teacher's EMA snapshots taken at or before
 (papers.md, "Power-function EMA and post-hoc reconstruction"). A task streams the snapshots
 once for a group of targets, so it holds about (targets + 1) models in memory; each variant
 commits alone (file, then marker), so a rerun after a crash makes only the missing ones.
-Load one with `training.load_network(artifact, "network", weights=variant["file"])`.
+Load one with `training.load_network(artifact, "network", weights=variant["file"])`. The snapshots
+may be EDM2's own (`teacher.source: edm2-snapshots`), streamed from where they are; a released
+post-hoc reconstruction (`edm2-release`) is the one variant, of the EMA length in its name.
 """
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Iterator
@@ -24,6 +27,7 @@ from pipeline.diffusion.phema import reconstruct, solve_coefficients
 from pipeline.executor import Resources
 from pipeline.store import Artifact
 from pipeline.training import read_weights, weights_bytes
+from pipeline.models import edm2_release
 
 VERSION = "1"
 UPSTREAM = ("teacher",)
@@ -92,9 +96,9 @@ def coefficients(used: list[dict[str, Any]], nimg: int, sigma_rels: tuple[float,
 
 
 def _snapshot_stream(urls: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
-    """Each snapshot read only when reconstruct asks for the next one."""
+    """Each snapshot read only when reconstruct asks for the next one (an EDM2 .pkl or onestep's file)."""
     for url in urls:
-        yield read_weights(url)
+        yield edm2_release.snapshot_state(url) if url.endswith(".pkl") else read_weights(url)
 
 
 def _pending(artifact: Artifact, targets: list[Target]) -> list[Target]:
@@ -115,8 +119,27 @@ def make_variants(job: PhemaJob, targets: list[Target]) -> list[float]:
     return [t.sigma_rel for t in todo]
 
 
+def released_variant(artifact: Artifact, cfg: PhemaConfig, teacher: Artifact, release: dict[str, Any]) -> dict[str, Any]:
+    """A released post-hoc reconstruction is one variant, of the EMA length in its name: it is copied."""
+    sigma_rel = release["sigma_rel"]
+    if [variant_name(s) for s in cfg.sigma_rels] != [variant_name(sigma_rel)]:
+        raise ValueError(f"teacher.release is a post-hoc reconstruction of sigma_rel {sigma_rel}, the one variant there "
+                         f"is: set phema.sigma_rels=[{sigma_rel}] (and pairs.sigma_rel={sigma_rel}), or give "
+                         "teacher.source=edm2-snapshots a folder of raw snapshots to reconstruct others")
+    if not artifact.piece_done(piece_name(sigma_rel)):
+        with teacher.open("network.safetensors") as src, artifact.open(variant_name(sigma_rel), "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+        artifact.commit_piece(piece_name(sigma_rel), {"sigma_rel": sigma_rel, "file": variant_name(sigma_rel),
+                                                      "nimg": release["nimg"]})
+    return {"variants": [artifact.read_piece(piece_name(sigma_rel))], "nimg": release["nimg"], "snapshots_used": []}
+
+
 def run(ctx: StageContext, cfg: PhemaConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
     teacher = inputs["teacher"].manifest()["outputs"]
+    if teacher.get("source") == "edm2-release":
+        ctx.artifact.write_json("network.json", teacher["network"])
+        return {**released_variant(ctx.artifact, cfg, inputs["teacher"], teacher["release"]),
+                "network": teacher["network"], "made_this_run": []}
     nimg, used = select_snapshots(teacher["snapshots"], cfg.nimg)
     x = coefficients(used, nimg, cfg.sigma_rels)
     resources = Resources(num_cpus=cfg.num_cpus)
@@ -125,7 +148,8 @@ def run(ctx: StageContext, cfg: PhemaConfig, inputs: dict[str, Artifact]) -> dic
     todo = _pending(ctx.artifact, targets)
     ctx.log.info("phema: %d variants at %d images from %d snapshots (%d to make)",
                  len(targets), nimg, len(used), len(todo))
-    job = PhemaJob(ctx.artifact, tuple(inputs["teacher"].path(s["file"]) for s in used), nimg)
+    urls = tuple(s.get("url") or inputs["teacher"].path(s["file"]) for s in used)  # released snapshots: a URL
+    job = PhemaJob(ctx.artifact, urls, nimg)
     groups = [todo[i:i + cfg.targets_per_task] for i in range(0, len(todo), cfg.targets_per_task)]
     made = ctx.map(partial(make_variants, job), groups, resources, desc="phema")
     ctx.artifact.write_json("network.json", teacher["network"])

@@ -6,6 +6,9 @@ Time is counted in images (nimg). Training runs in chunks between checkpoints; e
 data stream and each step's noise are seeded from (seed, rank, nimg), so a run resumed from a
 checkpoint continues exactly as if it had not stopped. EMA snapshots for post-hoc EMA are
 written every `snapshot_nimg` as `snapshots/ema-{sigma_rel}-{nimg}.safetensors`.
+
+With `teacher.source: edm2-release` or `edm2-snapshots` nothing is trained: the stage brings in
+NVIDIA's released network or indexes a folder of its raw snapshots (pipeline/models/edm2_release.py).
 """
 
 from __future__ import annotations
@@ -236,6 +239,11 @@ def snapshot_index(artifact: Artifact, cfg: TeacherConfig) -> list[dict[str, Any
 
 def run(ctx: StageContext, cfg: TeacherConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
     encode = inputs["encode"].manifest()["outputs"]
+    if cfg.source != "train":  # NVIDIA's released teacher: imported (edm2-release) or indexed for phema
+        from pipeline.models import edm2_release
+
+        entry = edm2_release.release_teacher if cfg.source == "edm2-release" else edm2_release.release_snapshots
+        return entry(cfg.release, ctx.artifact, encode)
     net = build_network(cfg, encode)  # an unknown preset or a resolution it cannot take fails here
     ctx.log.info("teacher: %s, %.1fM parameters, %d classes, %s", cfg.preset,
                  sum(p.numel() for p in net.parameters()) / 1e6, net.num_classes, encode["shape"])

@@ -15,10 +15,12 @@ from __future__ import annotations
 import functools
 import io
 import pickle
+import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import store
@@ -197,11 +199,9 @@ def network_state(record: Persistent) -> dict[str, torch.Tensor]:
     return out
 
 
-def import_network(url: str, out: str, key: str = "ema") -> dict[str, Any]:
-    """Write `out/network.json` and `out/network.safetensors` (the format the stages read) from an EDM2
-    release pickle at `url` (its `key` entry, `ema` in EDM2's files); returns the network config."""
+def release_network(url: str, key: str = "ema") -> tuple[Any, Any]:
+    """(onestep's network with the release's weights, float32; the file's top-level object)."""
     from pipeline.models.edm2 import build_denoiser
-    from pipeline.training import save_network
 
     top = load(url)
     record = top.get(key) if isinstance(top, dict) else top
@@ -214,5 +214,122 @@ def import_network(url: str, out: str, key: str = "ema") -> dict[str, Any]:
     except RuntimeError as e:  # missing / unexpected names or other shapes: another architecture
         raise ValueError(f"{store.redact(url)}: the EDM2 network's tensors do not fit onestep's network "
                          f"{net.config}: {e}") from e
+    return net.eval().requires_grad_(False), top
+
+
+def import_network(url: str, out: str, key: str = "ema") -> dict[str, Any]:
+    """Write `out/network.json` and `out/network.safetensors` (the format the stages read) from an EDM2
+    release pickle at `url` (its `key` entry, `ema` in EDM2's files); returns the network config."""
+    from pipeline.training import save_network
+
+    net, _ = release_network(url, key)
     save_network(store.Artifact(out), "network", net)  # as the teacher stage writes its network
     return net.config
+
+
+# --- the DAG entry: a released teacher instead of training one -----------------------------------
+
+# EDM2's file names: `network-snapshot-{kimg:07d}-{sigma_rel:.3f}.pkl` (raw EMA snapshots) and
+# `edm2-img512-s-{kimg}-{sigma_rel:.3f}.pkl` (post-hoc reconstructions); times are in thousands of images.
+SNAPSHOT_NAME = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.pkl")
+RECONSTRUCTION_NAME = re.compile(r".*-(\d+)-(\d+\.\d+)\.pkl")
+ENCODERS = {"StandardRGBEncoder": "rgb", "StabilityVAEEncoder": "vae"}  # EDM2's encoder -> onestep's
+
+
+def _time_and_length(url: str, pattern: re.Pattern[str], what: str) -> tuple[int, float]:
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    match = pattern.fullmatch(name)
+    if not match:
+        raise ValueError(f"{store.redact(url)}: {what} are named as EDM2 names them ({pattern.pattern}), so that "
+                         "their time (thousands of images) and EMA length are known: rename the file")
+    return int(match[1]) * 1000, float(match[2])
+
+
+def check_encoder(top: Any, encode: dict[str, Any], url: str) -> None:
+    """The release's encoder (saved with the network) must be the one that made the encode artifact:
+    EDM2's RGB encoder is onestep's `rgb`, its SD-VAE encoder onestep's `vae` with the same latent
+    statistics and VAE, so that the network sees the same model space and decoding matches."""
+    record = top.get("encoder") if isinstance(top, dict) else None
+    if not isinstance(record, Persistent):
+        return  # a file without its encoder (e.g. some guides): nothing to compare
+    ours = encode["encoder"]
+    theirs = ENCODERS.get(record.class_name)
+    fix = f"--set encode.encoder={theirs}" + (" --set encode.vae=stabilityai/sd-vae-ft-mse" if theirs == "vae" else "")
+    if theirs is None:
+        raise ValueError(f"{store.redact(url)} uses EDM2's encoder {record.class_name}, which onestep does not have")
+    if theirs != ours["name"]:
+        raise ValueError(f"{store.redact(url)} was trained on {record.class_name} data, the encode artifact holds "
+                         f"{ours['name']} data: encode the dataset as the release did ({fix})")
+    if theirs == "vae":
+        kwargs = record.init_kwargs
+        vae = str(kwargs.get("vae_name", "stabilityai/sd-vae-ft-mse"))
+        same_stats = all(np.allclose(np.asarray(kwargs.get(k, ours[k]), dtype=float), ours[k], atol=1e-6)
+                         for k in ("raw_mean", "raw_std"))
+        final = (float(kwargs.get("final_mean", 0.0)), float(kwargs.get("final_std", 0.5)))
+        if not same_stats or final != (0.0, 0.5):
+            raise ValueError(f"{store.redact(url)} normalises latents with raw_mean {kwargs.get('raw_mean')}, raw_std "
+                             f"{kwargs.get('raw_std')}, final mean/std {final}; onestep's VAE encoder uses "
+                             f"{ours['raw_mean']}, {ours['raw_std']}, (0.0, 0.5)")
+        if vae.rsplit("/", 1)[-1] != str(ours.get("vae", "")).rstrip("/").rsplit("/", 1)[-1]:
+            raise ValueError(f"{store.redact(url)} was trained on latents of the VAE {vae}, the encode artifact "
+                             f"used {ours.get('vae')}: set encode.vae to {vae} (or a copy of it)")
+
+
+def check_dataset(net: Any, encode: dict[str, Any], url: str) -> None:
+    """The network's resolution, channels and classes against the encode artifact's data."""
+    channels, resolution = encode["encoder"]["model_channels"], encode["shape"][-1]
+    if (net.img_channels, net.img_resolution) != (channels, resolution):
+        raise ValueError(f"{store.redact(url)} is a network of {net.img_channels}x{net.img_resolution}x"
+                         f"{net.img_resolution} inputs, the encode artifact holds {channels}x{resolution}x{resolution}: "
+                         "set encode.resolution (and encode.encoder) to the release's")
+    if net.num_classes not in (0, encode["num_classes"]):
+        raise ValueError(f"{store.redact(url)} has {net.num_classes} class labels, the dataset {encode['num_classes']}")
+
+
+def release_teacher(url: str, artifact: store.Artifact, encode: dict[str, Any]) -> dict[str, Any]:
+    """The teacher stage for `teacher.source: edm2-release`: the released post-hoc reconstruction,
+    checked against the encode artifact and written as the teacher's `network`."""
+    from pipeline.training import save_network
+
+    nimg, sigma_rel = _time_and_length(url, RECONSTRUCTION_NAME, "post-hoc reconstructions")
+    net, top = release_network(url)
+    check_dataset(net, encode, url)
+    check_encoder(top, encode, url)
+    save_network(artifact, "network", net)
+    return {"source": "edm2-release", "release": {"url": store.redact(url), "nimg": nimg, "sigma_rel": sigma_rel},
+            "num_parameters": sum(p.numel() for p in net.parameters()), "network": net.config,
+            "snapshots": [], "final_ema": {}, "metrics": {}}
+
+
+def snapshot_files(folder: str) -> list[dict[str, Any]]:
+    """EDM2's raw EMA snapshots in a folder: [{url, nimg, sigma_rel}] sorted by time, then length."""
+    _, files = store.list_dir(folder)
+    found = [{"url": url, "nimg": nimg, "sigma_rel": sigma_rel} for url in files
+             if SNAPSHOT_NAME.fullmatch(url.rsplit("/", 1)[-1])
+             for nimg, sigma_rel in [_time_and_length(url, SNAPSHOT_NAME, "raw snapshots")]]
+    if not found:
+        raise ValueError(f"teacher.release = {store.redact(folder)}: no EDM2 snapshots "
+                         "(network-snapshot-KIMG-SIGMA_REL.pkl) in that folder")
+    return sorted(found, key=lambda s: (s["nimg"], s["sigma_rel"]))
+
+
+def release_snapshots(folder: str, artifact: store.Artifact, encode: dict[str, Any]) -> dict[str, Any]:
+    """The teacher stage for `teacher.source: edm2-snapshots`: the folder's snapshots indexed for phema,
+    which streams them from where they are; the last one is read here to check it and get the network."""
+    snapshots = snapshot_files(folder)
+    net, top = release_network(snapshots[-1]["url"])
+    check_dataset(net, encode, snapshots[-1]["url"])
+    check_encoder(top, encode, snapshots[-1]["url"])
+    artifact.write_json("network.json", net.config)
+    return {"source": "edm2-snapshots", "release": {"url": store.redact(folder)},
+            "num_parameters": sum(p.numel() for p in net.parameters()), "network": net.config,
+            "snapshots": snapshots, "final_ema": {}, "metrics": {}}
+
+
+def snapshot_state(url: str) -> dict[str, torch.Tensor]:
+    """A raw snapshot's EMA weights under onestep's names, float32."""
+    top = load(url)
+    record = top.get("ema") if isinstance(top, dict) else None
+    if not isinstance(record, Persistent):
+        raise ValueError(f"{store.redact(url)} holds no EDM2 network under 'ema'")
+    return network_state(record)

@@ -6,9 +6,6 @@ import io
 import json
 import os
 import pickle
-import sys
-import types
-
 import numpy as np
 import pytest
 import torch
@@ -18,49 +15,7 @@ from pipeline.models import edm2_release as R
 from pipeline.models.edm2 import build_denoiser
 from pipeline.training import read_weights
 
-
-def _fake_module(name: str, **members) -> types.ModuleType:
-    module = types.ModuleType(name)
-    for key, value in members.items():
-        value.__module__, value.__qualname__ = name, key
-        setattr(module, key, value)
-    return module
-
-
-def _reconstruct_persistent_obj(meta):  # the name EDM2's pickles call; never called here
-    raise AssertionError("the test pickles are read by edm2_release only")
-
-
-class EasyDict(dict):
-    pass
-
-
-@pytest.fixture
-def release_pickler(monkeypatch):
-    """A pickler writing what EDM2's torch_utils.persistence writes: every torch module as a call of
-    torch_utils.persistence._reconstruct_persistent_obj(meta) with its source and __dict__."""
-    monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
-    monkeypatch.setitem(sys.modules, "torch_utils.persistence",
-                        _fake_module("torch_utils.persistence", _reconstruct_persistent_obj=_reconstruct_persistent_obj))
-    monkeypatch.setitem(sys.modules, "dnnlib", types.ModuleType("dnnlib"))
-    monkeypatch.setitem(sys.modules, "dnnlib.util", _fake_module("dnnlib.util", EasyDict=EasyDict))
-
-    class Pickler(pickle.Pickler):
-        def reducer_override(self, obj):
-            if isinstance(obj, torch.nn.Module) and not isinstance(obj, (torch.nn.ModuleList, torch.nn.ModuleDict)):
-                kwargs = obj.__dict__.get("edm2_kwargs", {"kind": type(obj).__name__})
-                state = dict(obj.__dict__, _init_args=(), _init_kwargs=kwargs)
-                meta = {"type": "class", "version": 6, "module_src": "import os\nos.system('touch PWNED')\n",
-                        "class_name": type(obj).__name__, "state": state}
-                return _reconstruct_persistent_obj, (meta,)
-            return NotImplemented
-
-    def dumps(obj) -> bytes:
-        buf = io.BytesIO()
-        Pickler(buf, protocol=4).dump(obj)
-        return buf.getvalue()
-
-    return dumps
+from helpers import EDM2_KWARGS, EasyDict, Precond
 
 
 def test_a_release_file_gives_the_networks_tensors_and_arguments(release_pickler, tmp_path, monkeypatch):
@@ -140,19 +95,6 @@ def test_a_truncated_file_is_a_clear_error(release_pickler, tmp_path):
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"edm2-img64-s-1073741-0.075.pkl is not a complete EDM2 pickle.*download it again"):
         R.load(str(path))
-
-
-class Precond(torch.nn.Module):
-    """EDM2's top level around onestep's network: its module names and its constructor arguments."""
-
-    def __init__(self, net: torch.nn.Module, **edm2_kwargs) -> None:
-        super().__init__()
-        self.unet, self.logvar_fourier, self.logvar_linear = net.unet, net.u_fourier, net.u_linear
-        self.edm2_kwargs = edm2_kwargs
-
-
-EDM2_KWARGS = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=True, sigma_data=0.5, logvar_channels=128,
-                   model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
 
 
 def test_import_edm2_writes_the_network_the_stages_read(release_pickler, tmp_path, capsys):
