@@ -34,7 +34,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", default=[], metavar="STAGE", help="run just these stages, from cached upstream")
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="recompute these stages and everything downstream")
     p.add_argument("--until", default=None, metavar="STAGE", help="run this stage and what it needs, nothing after")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, run nothing")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config, the plan and what it will cost (work, storage, "
+                   "GPU-hours at the preset's estimate.* rates); run nothing")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -168,6 +169,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(C.dump(cfg))
     plan = dag.run(cfg, args.only, args.force, args.until, dry_run=args.dry_run)
     print(plan.table() if args.dry_run or not plan.to_run else status_table(cfg))
+    if args.dry_run:
+        from pipeline.estimate import table
+
+        print(table(cfg, plan.to_run))
     report = "" if args.dry_run else report_line(cfg, plan)
     if report:
         print(report)

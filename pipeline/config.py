@@ -310,6 +310,24 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class EstimateConfig:
+    """The per-GPU rates `--dry-run` turns work into GPU-hours (pipeline/estimate.py). Not a stage:
+    never part of a cache key. A rate of 0 is not stated: that part's GPU-hours are not shown."""
+
+    gpu: str = ""  # what the rates are for, e.g. "H100 SXM, bf16"
+    basis: str = "not stated"  # where the rates come from: measured (bench.py gpu), published, or derived
+    train_img_per_s: float = 0.0  # teacher training images/s per GPU (forward + backward)
+    denoiser_img_per_s: float = 0.0  # denoiser forward evaluations (images)/s per GPU: samplers, distill
+    encode_img_per_s: float = 0.0  # VAE encoder images/s per GPU (latent datasets)
+    decode_img_per_s: float = 0.0  # VAE decoder images/s per GPU (latent datasets: probe, refstats, LPIPS, evaluate)
+
+    def __post_init__(self) -> None:
+        for name in ("train_img_per_s", "denoiser_img_per_s", "encode_img_per_s", "decode_img_per_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"estimate.{name} = {getattr(self, name)}: must be >= 0 (0 = not stated)")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole run: where artifacts live, how work is executed, and every stage's config."""
 
@@ -327,15 +345,11 @@ class Config:
     pairs: PairsConfig = field(default_factory=PairsConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
 
     def __post_init__(self) -> None:
         _check_choice("config", "executor", self.executor, ("ray", "inline"))
         _check_positive("config", max_in_flight=self.max_in_flight)
-
-
-def stage_sections() -> dict[str, type]:
-    """Stage name -> its config dataclass."""
-    return {f.name: f.type_cls for f in _fields(Config) if f.type_cls is not None}
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -374,6 +375,7 @@ class Store:
             return json.loads(read_bytes(memo))["sha256"]
         except (FileNotFoundError, KeyError, ValueError):
             pass
+        logging.getLogger("onestep").info("hashing %s for its cache key (once: remembered in the storage)", redact(url))
         digest = hashlib.sha256()
         with fs.open(path, "rb") as f:
             for block in iter(lambda: f.read(8 << 20), b""):
