@@ -28,7 +28,7 @@ def test_unknown_keys_list_the_valid_ones():
     with pytest.raises(ValueError) as e:
         C.load_config("ci", ["encode.resolutoin=64"])
     assert "encode.resolutoin" in str(e.value) and "resolution" in str(e.value) and "shard_size" in str(e.value)
-    with pytest.raises(ValueError, match="valid keys: distill, encode, eval, executor"):
+    with pytest.raises(ValueError, match="valid keys: distill, encode, estimate, eval, executor"):
         C.load_config("ci", ["nope=1"])
 
 
