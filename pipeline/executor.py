@@ -14,6 +14,7 @@ it is one worker in this process. The `TrainSession` is all a training loop sees
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import tempfile
@@ -198,6 +199,13 @@ def init_ray() -> None:
     ray.init(_node_ip_address="127.0.0.1", include_dashboard=None, logging_level=logging.WARNING)
 
 
+def _node_resources() -> list[dict[str, float]]:
+    """The total resources of each live node of the Ray cluster."""
+    import ray
+
+    return [node["Resources"] for node in ray.nodes() if node["Alive"]]
+
+
 def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
     return fn(item)
 
@@ -216,14 +224,14 @@ class RayExecutor:
         return sum(node["Alive"] for node in ray.nodes())
 
     def check(self, resources: Resources, what: str) -> None:
-        import ray
-
-        total = ray.cluster_resources()
-        if resources.num_gpus > total.get("GPU", 0.0):
-            raise _gpu_error(what, resources.num_gpus, total.get("GPU", 0.0))
-        if resources.num_cpus > total.get("CPU", 0.0):
-            raise ValueError(f"{what} asks for {resources.num_cpus:g} CPUs per task but the cluster has "
-                             f"{total.get('CPU', 0.0):g}: lower {what}.num_cpus")
+        """A task runs on one node: some node must have its CPUs and GPUs."""
+        nodes = _node_resources()
+        gpus, cpus = max((n.get("GPU", 0.0) for n in nodes), default=0.0), max((n.get("CPU", 0.0) for n in nodes), default=0.0)
+        if resources.num_gpus > gpus:
+            raise _gpu_error(what, resources.num_gpus, gpus)
+        if not any(n.get("GPU", 0.0) >= resources.num_gpus and n.get("CPU", 0.0) >= resources.num_cpus for n in nodes):
+            raise ValueError(f"{what} asks for {resources.num_cpus:g} CPUs (and {resources.num_gpus:g} GPUs) per task but "
+                             f"no node has them (the largest has {cpus:g} CPUs): lower {what}.num_cpus")
 
     def map(self, fn: Callable[[Any], Any], items: Sequence[Any],
             resources: Resources = Resources(), desc: str = "") -> list[Any]:
@@ -254,10 +262,13 @@ class RayExecutor:
                 raise
 
     def check_ddp(self, job: DDPJob) -> None:
-        import ray
-
-        total = ray.cluster_resources()
-        _check_ddp(job, total.get("CPU", 0.0), total.get("GPU", 0.0))
+        """Each worker takes one CPU (and one GPU with use_gpu) on some node: count the workers that fit."""
+        nodes = _node_resources()
+        fit = sum(int(min(n.get("CPU", 0.0), n.get("GPU", 0.0) if job.use_gpu else math.inf)) for n in nodes)
+        if fit < job.num_workers:
+            _check_ddp(job, sum(n.get("CPU", 0.0) for n in nodes), sum(n.get("GPU", 0.0) for n in nodes))
+            raise ValueError(f"{job.name}.num_workers={job.num_workers} workers of 1 CPU{' + 1 GPU' if job.use_gpu else ''} "
+                             f"each: only {fit} fit on the cluster's nodes: lower {job.name}.num_workers")
 
     def ddp(self, train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]:
         import ray

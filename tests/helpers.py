@@ -223,21 +223,22 @@ EDM2_KWARGS = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=Tru
                    model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
 
 
-def edm2_encoder(kind: str):
+def edm2_encoder(kind: str, **kwargs):
     """EDM2's encoder record as its release files carry it (a persistent object with its arguments)."""
     import torch
 
-    kwargs = ({} if kind == "StandardRGBEncoder" else
-              dict(vae_name="stabilityai/sd-vae-ft-mse", raw_mean=[5.81, 3.25, 0.12, -2.15],
-                   raw_std=[4.17, 4.62, 3.71, 3.28], final_mean=0, final_std=0.5, batch_size=8))
+    defaults = ({} if kind == "StandardRGBEncoder" else
+                dict(vae_name="stabilityai/sd-vae-ft-mse", raw_mean=[5.81, 3.25, 0.12, -2.15],
+                     raw_std=[4.17, 4.62, 3.71, 3.28], final_mean=0, final_std=0.5, batch_size=8))
     encoder = type(kind, (torch.nn.Module,), {})()
-    encoder.edm2_kwargs = kwargs
+    encoder.edm2_kwargs = {**defaults, **kwargs}
     return encoder
 
 
-def write_release(path: Path, net, encoder: str = "StandardRGBEncoder", **kwargs) -> Path:
+def write_release(path: Path, net, encoder: str = "StandardRGBEncoder", encoder_kwargs: dict | None = None,
+                  **kwargs) -> Path:
     """An EDM2 release pickle of onestep network `net` (float16, as NVIDIA's), with `EDM2_KWARGS` updated
-    by `kwargs` and the net's own sizes."""
+    by `kwargs` and the net's own sizes, and its encoder's record."""
     import copy
 
     net = copy.deepcopy(net).half()
@@ -245,7 +246,7 @@ def write_release(path: Path, net, encoder: str = "StandardRGBEncoder", **kwargs
             "label_dim": net.num_classes, **{k: v for k, v in net.config.items()
                                              if k in ("channel_mult", "num_blocks", "attn_resolutions")},
             "model_channels": net.config["channels"], **kwargs}
-    data = EasyDict(ema=Precond(net, **args), encoder=edm2_encoder(encoder), dataset_kwargs={"resolution": net.img_resolution})
+    data = EasyDict(ema=Precond(net, **args), encoder=edm2_encoder(encoder, **(encoder_kwargs or {})), dataset_kwargs={"resolution": net.img_resolution})
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(release_dumps(data))
     return path
