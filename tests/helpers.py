@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import pickle
 import sys
@@ -142,6 +143,29 @@ def save_random_inception(path: Path) -> str:
     torch.manual_seed(0)
     torch.jit.script(TinyInception().eval()).save(str(path))
     return str(path)
+
+
+@contextlib.contextmanager
+def ray_cluster(head: dict, *workers: dict):
+    """A simulated multi-node Ray cluster (ray.cluster_utils) in place of the session's instance, which is
+    started again afterwards for the tests that follow."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.executor import init_ray
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={**head, "include_dashboard": False})
+    for worker in workers:
+        cluster.add_node(**worker)
+    cluster.wait_for_nodes()
+    ray.init(address=cluster.address)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        init_ray()
 
 
 class CountingExecutor(InlineExecutor):

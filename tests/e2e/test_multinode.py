@@ -10,10 +10,10 @@ import pytest
 
 from pipeline import config as C
 from pipeline import dag, store
-from pipeline.executor import InlineExecutor, RayExecutor, init_ray
+from pipeline.executor import InlineExecutor, RayExecutor
 from stages.pairs import read_pairs
 
-from helpers import PAIRS_TINY
+from helpers import PAIRS_TINY, ray_cluster
 
 
 def _on_node(fn, item):
@@ -38,18 +38,8 @@ class NodeRecordingExecutor(RayExecutor):
 @pytest.fixture(scope="module")
 def two_nodes():
     """Replaces the session's Ray instance with a two-node cluster for this module, then restores it."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-    init_ray()  # the shared local instance again, for the tests after this module
+    with ray_cluster({"num_cpus": 1}, {"num_cpus": 1}) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="module")

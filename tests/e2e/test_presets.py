@@ -12,10 +12,10 @@ import torch
 
 from pipeline import config as C
 from pipeline import dag, store
-from pipeline.executor import InlineExecutor, RayExecutor, init_ray
+from pipeline.executor import InlineExecutor, RayExecutor
 from pipeline.models.edm2 import build_denoiser
 
-from helpers import make_imagenet, save_random_inception, save_tiny_vae, write_release
+from helpers import make_imagenet, ray_cluster, save_random_inception, save_tiny_vae, write_release
 
 PRESETS = ["edm2-img512-xs", "edm2-img512-s", "edm2-img64-s", "edm2-release-img512-s", "edm2-release-img64-s"]
 GB = 1 << 30
@@ -28,19 +28,8 @@ def _node(gpus: int, cpus: int) -> dict:
 @pytest.fixture(scope="module")
 def gpu_cluster():
     """Replaces the session's Ray instance with four simulated 8-GPU nodes (and a CPU-less head)."""
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={**_node(0, 0), "include_dashboard": False})
-    for _ in range(4):
-        cluster.add_node(**_node(8, 16))
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-    init_ray()  # the shared local instance again, for the tests after this module
+    with ray_cluster(_node(0, 0), *[_node(8, 16)] * 4) as cluster:
+        yield cluster
 
 
 @pytest.mark.parametrize("preset", PRESETS)
