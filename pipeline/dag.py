@@ -254,5 +254,5 @@ def check_resources(executor: Executor, to_run: list[Node], cfg: C.Config) -> No
         section, what = node.config(cfg), node.section or node.name
         if hasattr(section, "num_cpus"):  # a map stage
             executor.check(Resources(section.num_cpus, getattr(section, "num_gpus", 0.0)), what)
-        if hasattr(section, "num_workers"):  # a DDP stage
+        if hasattr(section, "num_workers") and getattr(section, "source", "train") == "train":  # a DDP stage
             executor.check_ddp(DDPJob(what, "", section.num_workers, section.use_gpu, 0))

@@ -148,40 +148,35 @@ def _pod_resources(group: dict) -> dict[str, float]:
             "GPU": float(params.get("num-gpus", limits.get("nvidia.com/gpu", 0)))}
 
 
-def _rayjob_floor() -> dict[str, float]:
+def _rayjob_nodes() -> list[dict[str, float]]:
+    """The head pod and each GPU group's minReplicas pods: what is up when the job starts."""
     cluster = _load(RAYJOB)["spec"]["rayClusterSpec"]
-    floor = _pod_resources(cluster["headGroupSpec"])
-    for g in cluster["workerGroupSpecs"]:
-        for k, v in _pod_resources(g).items():
-            floor[k] += g["minReplicas"] * v
-    return floor
+    return [_pod_resources(cluster["headGroupSpec"])] + [
+        _pod_resources(g) for g in cluster["workerGroupSpecs"] for _ in range(g["minReplicas"])]
 
 
-def _cluster_yaml_floor() -> dict[str, float]:
+def _cluster_yaml_nodes() -> list[dict[str, float]]:
     cluster = _load(CLUSTER)
     types = cluster["available_node_types"]
-    floor = {k: float(v) for k, v in types[cluster["head_node_type"]]["resources"].items()}
+    nodes = [{k: float(v) for k, v in types[cluster["head_node_type"]]["resources"].items()}]
     for name, t in types.items():
         if name != cluster["head_node_type"]:
-            for k, v in t["resources"].items():
-                floor[k] = floor.get(k, 0.0) + t.get("min_workers", 0) * v
-    return floor
+            nodes += [{k: float(v) for k, v in t["resources"].items()}] * t.get("min_workers", 0)
+    return nodes
 
 
-@pytest.mark.parametrize("where, floor", [("rayjob.yaml entrypoint", _rayjob_floor),
-                                           ("cluster.yaml comment 1", _cluster_yaml_floor)],
+@pytest.mark.parametrize("where, nodes", [("rayjob.yaml entrypoint", _rayjob_nodes),
+                                           ("cluster.yaml comment 1", _cluster_yaml_nodes)],
                          ids=["rayjob", "cluster.yaml"])
-def test_job_fits_the_nodes_up_when_it_starts(where, floor, monkeypatch):
-    """onestep checks every stage against ray.cluster_resources() before the first starts, when an
-    autoscaling cluster has only its minimum: the real checks, on that minimum."""
-    import ray
+def test_job_fits_the_nodes_up_when_it_starts(where, nodes, monkeypatch):
+    """onestep checks every stage against the live nodes before the first starts, when an autoscaling
+    cluster has only its minimum: the real checks, on those nodes."""
+    from pipeline import executor
 
-    from pipeline.executor import RayExecutor
-
-    resources = floor()
-    monkeypatch.setattr(ray, "cluster_resources", lambda: dict(resources))
-    executor = RayExecutor.__new__(RayExecutor)  # the checks only: no ray.init
-    dag.check_resources(executor, list(dag.graph().values()), _config(_job_commands()[where]))
+    up = nodes()
+    monkeypatch.setattr(executor, "_node_resources", lambda: [dict(n) for n in up])
+    ray_executor = executor.RayExecutor.__new__(executor.RayExecutor)  # the checks only: no ray.init
+    dag.check_resources(ray_executor, list(dag.graph().values()), _config(_job_commands()[where]))
 
 
 def test_submit_commands_use_one_runtime_env_and_the_cli_builds_it():
