@@ -105,9 +105,10 @@ def test_a_release_that_does_not_fit_the_data_is_refused(encoder, extra, named, 
     assert _artifact(cfg, "teacher").state() != "done"
 
 
-def test_raw_snapshots_feed_phema_from_where_they_are(release_pickler, tmp_path):
-    """EDM2's snapshots at 1000, 2000 and 3000 images of two EMA lengths: each variant is the weighted
-    sum that the post-hoc EMA solution gives for those times and lengths."""
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_raw_snapshots_feed_phema_from_where_they_are(where, release_pickler, tmp_path, request):
+    """EDM2's snapshots at 1000, 2000 and 3000 images of two EMA lengths, in a folder or on S3: each
+    variant is the weighted sum that the post-hoc EMA solution gives for those times and lengths."""
     folder = tmp_path / "run-00001"
     states = {}
     for kimg in (1, 2, 3):
@@ -116,7 +117,12 @@ def test_raw_snapshots_feed_phema_from_where_they_are(release_pickler, tmp_path)
             write_release(folder / f"network-snapshot-{kimg:07d}-{std:.3f}.pkl", net)
             states[kimg * 1000, std] = {k: v.half().float() for k, v in net.state_dict().items()}
     (folder / "training_options.json").write_text("{}")  # other files in the folder are left alone
-    cfg = _cfg(tmp_path / "store", "teacher.source=edm2-snapshots", f"teacher.release={folder}",
+    url = str(folder)
+    if where == "s3":
+        url = f"{request.getfixturevalue('s3_bucket')}/edm2-runs/run-00001"
+        for path in folder.iterdir():
+            store.write_bytes(f"{url}/{path.name}", path.read_bytes())
+    cfg = _cfg(tmp_path / "store", "teacher.source=edm2-snapshots", f"teacher.release={url}",
                "phema.sigma_rels=[0.07,0.12]", "phema.targets_per_task=1")
     dag.run(cfg, until="phema", executor=InlineExecutor())
     teacher = _artifact(cfg, "teacher")
