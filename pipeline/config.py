@@ -111,6 +111,9 @@ class TeacherConfig:
     compile: bool = throughput(False)  # torch.compile the network
     max_failures: int = throughput(2)  # worker losses survived by resuming from the last checkpoint
     log_nimg: int = throughput(1 << 20)  # a metrics row every this many images
+    # Divergence guard (pipeline/training.py: DivergenceGuard); not part of the key: a run it does not stop is the same run
+    divergence_ratio: float = throughput(100.0)  # a logged loss above this x max(|first step's|, 1) ...
+    divergence_patience: int = throughput(3)  # ... for this many log intervals, or this many non-finite steps, in a row
 
     def __post_init__(self) -> None:
         _check_choice("teacher", "source", self.source, ("train", "edm2-release", "edm2-snapshots"))
@@ -121,7 +124,8 @@ class TeacherConfig:
         _check_choice("teacher", "weighting", self.weighting, ("edm2", "min_snr"))
         _check_positive("teacher", batch=self.batch, duration_nimg=self.duration_nimg, lr=self.lr,
                         P_std=self.P_std, snapshot_nimg=self.snapshot_nimg, log_nimg=self.log_nimg,
-                        checkpoint_nimg=self.checkpoint_nimg, num_workers=self.num_workers)
+                        checkpoint_nimg=self.checkpoint_nimg, num_workers=self.num_workers,
+                        divergence_ratio=self.divergence_ratio, divergence_patience=self.divergence_patience)
         for name in ("duration_nimg", "snapshot_nimg", "checkpoint_nimg"):
             if getattr(self, name) % self.batch:
                 raise ValueError(f"teacher.{name} = {getattr(self, name)} must be a multiple of teacher.batch = {self.batch}")
@@ -269,6 +273,9 @@ class DistillConfig:
     num_workers: int = throughput(1)
     use_gpu: bool = throughput(False)
     max_failures: int = throughput(2)
+    # Divergence guard (pipeline/training.py: DivergenceGuard); not part of the key: a run it does not stop is the same run
+    divergence_ratio: float = throughput(100.0)  # a logged loss above this x max(|first step's|, 1) ...
+    divergence_patience: int = throughput(3)  # ... for this many log intervals, or this many non-finite steps, in a row
 
     def __post_init__(self) -> None:
         _check_choice("distill", "lpips_net", self.lpips_net, ("vgg", "alex", "squeeze"))
@@ -278,7 +285,8 @@ class DistillConfig:
         _check_positive("distill", lr=self.lr, fake_lr=self.fake_lr, batch=self.batch, reg_batch=self.reg_batch,
                         duration_nimg=self.duration_nimg, checkpoint_nimg=self.checkpoint_nimg,
                         fake_updates_per_gen=self.fake_updates_per_gen, lpips_size=self.lpips_size,
-                        num_workers=self.num_workers, log_nimg=self.log_nimg)
+                        num_workers=self.num_workers, log_nimg=self.log_nimg,
+                        divergence_ratio=self.divergence_ratio, divergence_patience=self.divergence_patience)
         for name in ("duration_nimg", "checkpoint_nimg", "log_nimg"):
             if getattr(self, name) % self.batch:
                 raise ValueError(f"distill.{name} = {getattr(self, name)} must be a multiple of distill.batch = {self.batch}")

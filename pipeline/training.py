@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import safetensors.torch
@@ -36,6 +37,73 @@ def zero_nonfinite_grads_(params: Iterable[torch.nn.Parameter]) -> bool:
         for g in grads:
             torch.nan_to_num_(g, nan=0.0, posinf=0.0, neginf=0.0)
     return finite
+
+
+class Diverged(ValueError):
+    """A training run stopped by its divergence guard (the message names the step, the loss and the fix)."""
+
+
+class DivergenceGuard:
+    """Stops a run whose loss has left the range it started in, before anything is checkpointed or
+    committed from it: `patience` non-finite steps in a row, or a logged loss above `max_ratio` x
+    max(|its value at the first step|, 1) for `patience` log intervals in a row.
+
+    The reference is the untrained network's loss, not a median of early log rows: a learning rate
+    far too high (teacher.lr=1e6) has its very first row at 3e14, so no early row is healthy. Every
+    value it sees is already reduced over the workers, so every rank decides the same.
+    """
+
+    def __init__(self, stage: str, max_ratio: float, patience: int, fix: str) -> None:
+        self.stage, self.max_ratio, self.patience, self.fix = stage, max_ratio, patience, fix
+        self.reference: dict[str, float] = {}
+        self.bad_steps = 0
+        self.bad_rows: dict[str, int] = {}
+
+    def start(self, **losses: float) -> None:
+        """The first step's losses (across workers): the scale each logged loss is held to."""
+        for name, value in losses.items():
+            self.reference.setdefault(name, abs(value) if math.isfinite(value) else 1.0)
+
+    def step(self, finite: bool, nimg: int) -> None:
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        if self.bad_steps >= self.patience:
+            raise Diverged(f"{self.stage} diverged at {nimg} images: the loss or its gradients were not finite "
+                           f"for {self.bad_steps} steps in a row. {self.fix}")
+
+    def row(self, row: dict[str, Any]) -> None:
+        for name, ref in self.reference.items():
+            value, limit = float(row[name]), self.max_ratio * max(ref, 1.0)
+            bad = not math.isfinite(value) or value > limit
+            self.bad_rows[name] = self.bad_rows.get(name, 0) + 1 if bad else 0
+            if self.bad_rows[name] >= self.patience:
+                raise Diverged(f"{self.stage} diverged at {row['nimg']} images: {name} = {value:.4g}, above "
+                               f"{self.max_ratio:g} x its starting value {ref:.4g}, for {self.bad_rows[name]} log "
+                               f"intervals in a row. {self.fix}")
+
+    def suspect(self) -> bool:
+        """A logged loss is out of range: the state now is not one to checkpoint. (A non-finite step is
+        not: its gradients were zeroed, so it changed nothing.)"""
+        return any(self.bad_rows.values())
+
+
+def train_guarded(session: Any, nimg: int, duration_nimg: int, chunk: Callable[[int], int]) -> bool:
+    """`nimg = chunk(nimg)` until `duration_nimg`. A `Diverged` is reported as the run's last metrics
+    rather than raised: every rank reaches the same verdict, and a failed worker would be restarted by
+    Ray Train from the last checkpoint only to diverge again. False when the guard stopped the run."""
+    try:
+        while nimg < duration_nimg:
+            nimg = chunk(nimg)
+        return True
+    except Diverged as e:
+        session.report({"nimg": nimg, "diverged": str(e)}, None)
+        return False
+
+
+def check_diverged(metrics: dict[str, Any], stage: str) -> None:
+    """In the driver, after training: a run its guard stopped is an error, and nothing is committed."""
+    if metrics.get("diverged"):
+        raise Diverged(f"{metrics['diverged']} The last good checkpoint is kept; the {stage} artifact is not "
+                       "committed, so nothing downstream uses this run.")
 
 
 def save_state(directory: str, state: dict[str, Any]) -> str:

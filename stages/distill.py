@@ -31,8 +31,9 @@ from pipeline.diffusion.loss import sample_sigma
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
-from pipeline.training import (MetricsLog, gather_metrics, load_guide, load_network, load_state, mix_seed, mixed_precision,
-                               save_network, save_state)
+from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_guide,
+                               load_network, load_state, mix_seed, mixed_precision, save_network, save_state,
+                               train_guarded, zero_nonfinite_grads_)
 
 VERSION = "3"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G
 UPSTREAM = ("encode", "teacher", "phema", "pairs")
@@ -78,12 +79,15 @@ def build_nets(args: DistillArgs, device: torch.device) -> Nets:
                 _adamw(fake.parameters(), args.cfg.fake_lr, args.cfg))
 
 
-def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter], clip: float) -> float:
+def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter],
+          clip: float) -> tuple[float, bool]:
+    """Backward, non-finite gradients zeroed (as the teacher's), clipping, step: (gradient norm, finite)."""
     opt.zero_grad(set_to_none=True)
     loss.backward()
+    finite = zero_nonfinite_grads_(params)
     norm = torch.nn.utils.clip_grad_norm_(params, clip)
     opt.step()
-    return float(norm)
+    return float(norm), finite
 
 
 def _latents(batch: int, net: Denoiser, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -93,7 +97,7 @@ def _latents(batch: int, net: Denoiser, device: torch.device) -> tuple[torch.Ten
 
 
 def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batch: int, device: torch.device,
-                x: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> float:
+                x: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> tuple[float, bool]:
     """One fake-score step with the teacher's denoising loss on G's outputs `x` (labels), detached;
     without x, on a fresh batch of G (DMD2's extra fake-score updates)."""
     loss_cfg = args.teacher_loss
@@ -106,8 +110,8 @@ def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batc
         sigma = sample_sigma(batch, loss_cfg["P_mean"], loss_cfg["P_std"], None, device)
         out = fake_score_loss(fake_model, x, labels, sigma, torch.randn_like(x), weighting=loss_cfg["weighting"],
                               min_snr_gamma=loss_cfg["min_snr_gamma"], use_uncertainty=loss_cfg["use_uncertainty"])
-    _step(nets.opt_f, out.loss, list(nets.fake.parameters()), args.cfg.grad_clip)
-    return out.loss.item()
+    _, finite = _step(nets.opt_f, out.loss, list(nets.fake.parameters()), args.cfg.grad_clip)
+    return out.loss.item(), finite
 
 
 def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Module, pairs: Iterator,
@@ -139,9 +143,11 @@ def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Modu
         loss_reg = lpips_regression_loss(lpips, to_pixels(x_pairs), to_pixels(py.float()), cfg.lpips_size)
     loss = loss_dm + cfg.lambda_reg * loss_reg
     params = [p for p in nets.generator.parameters() if p.requires_grad]
-    norm = _step(nets.opt_g, loss, params, cfg.grad_clip)
-    return {"loss_dm": loss_dm.item(), "loss_reg": loss_reg.item(), "grad_norm": norm,
-            "dm_normalizer": float(info["normalizer"].mean()), "loss_fake": sum(fake_losses) / len(fake_losses)}
+    norm, finite = _step(nets.opt_g, loss, params, cfg.grad_clip)
+    return {"loss_dm": loss_dm.item(), "loss_reg": loss_reg.item(), "loss_g": loss.item(), "grad_norm": norm,
+            "dm_normalizer": float(info["normalizer"].mean()),
+            "loss_fake": sum(f for f, _ in fake_losses) / len(fake_losses),
+            "nonfinite_steps": float(not (finite and all(ok for _, ok in fake_losses)))}
 
 
 def _restore(nets: Nets, path: str) -> int:
@@ -162,34 +168,53 @@ def _checkpoint(session: TrainSession, nets: Nets, nimg: int) -> None:
         session.report({"nimg": nimg}, path)
 
 
+def _train_chunk(session: TrainSession, args: DistillArgs, nets: Nets, gen_model: torch.nn.Module,
+                 fake_model: torch.nn.Module, to_pixels: Callable[[torch.Tensor], torch.Tensor], lpips: Any,
+                 log: MetricsLog, guard: DivergenceGuard, nimg: int) -> int:
+    """Generator steps from `nimg` to the next checkpoint (or the end), checkpoint; returns the images seen."""
+    cfg, device, rank, world = args.cfg, session.device, session.rank, session.world_size
+    batch, reg_batch = cfg.batch // world, cfg.reg_batch // world
+    chunk_start = nimg
+    chunk_end = min((nimg // cfg.checkpoint_nimg + 1) * cfg.checkpoint_nimg, cfg.duration_nimg)
+    steps = (chunk_end - nimg) // cfg.batch
+    pairs = iter(reader(args.pair_urls, reg_batch, rank=rank, world_size=world, seed=mix_seed(args.seed, rank, nimg),
+                        shuffle_buffer=1000, resampled=True, num_batches=steps,
+                        fields=("noise.npy", "target.npy")))
+    tick, sums = time.perf_counter(), []
+    for _ in range(steps):
+        torch.manual_seed(mix_seed(args.seed, rank, nimg))
+        sums.append(train_step(nets, gen_model, fake_model, pairs, to_pixels, lpips, args, batch, device))
+        if not guard.reference:  # this process's first step: the scale the guard holds losses to
+            first = _row(session, sums[-1:], nimg, 0, 1.0)
+            guard.start(loss_g=first["loss_g"], loss_fake=first["loss_fake"])
+        nimg += cfg.batch
+        guard.step(not sums[-1]["nonfinite_steps"], nimg)
+        if nimg % cfg.log_nimg == 0 or nimg == chunk_end:
+            row = _row(session, sums, nimg, len(sums) * cfg.batch, time.perf_counter() - tick)
+            log.add(row)
+            guard.row(row)
+            tick, sums = time.perf_counter(), []
+    log.flush(args.artifact, chunk_start)
+    if guard.suspect():
+        raise Diverged(f"distill diverged at {nimg} images: a loss was out of range at this checkpoint (see "
+                       f"metrics.jsonl), so it was not saved. {guard.fix}")
+    _checkpoint(session, nets, nimg)
+    return nimg
+
+
 def train_loop(session: TrainSession, args: DistillArgs) -> None:
     """Runs on every DDP worker: generator steps in chunks between checkpoints."""
-    cfg, device, rank, world = args.cfg, session.device, session.rank, session.world_size
+    cfg, device = args.cfg, session.device
     nets = build_nets(args, device)
     nimg = session.restore(partial(_restore, nets)) or 0
     gen_model, fake_model = session.wrap(nets.generator), session.wrap(nets.fake)
     to_pixels = lpips_decoder(encoder_from_info(args.encoder, str(device)), cfg.lpips_decoder, str(device))
     lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights).to(device)
-    batch, reg_batch = cfg.batch // world, cfg.reg_batch // world
-    log = MetricsLog("distill", cfg.duration_nimg, rank)
-    while nimg < cfg.duration_nimg:
-        chunk_start = nimg
-        chunk_end = min((nimg // cfg.checkpoint_nimg + 1) * cfg.checkpoint_nimg, cfg.duration_nimg)
-        steps = (chunk_end - nimg) // cfg.batch
-        pairs = iter(reader(args.pair_urls, reg_batch, rank=rank, world_size=world, seed=mix_seed(args.seed, rank, nimg),
-                            shuffle_buffer=1000, resampled=True, num_batches=steps,
-                            fields=("noise.npy", "target.npy")))
-        tick, sums = time.perf_counter(), []
-        for _ in range(steps):
-            torch.manual_seed(mix_seed(args.seed, rank, nimg))
-            sums.append(train_step(nets, gen_model, fake_model, pairs, to_pixels, lpips, args, batch, device))
-            nimg += cfg.batch
-            if nimg % cfg.log_nimg == 0 or nimg == chunk_end:
-                log.add(_row(session, sums, nimg, len(sums) * cfg.batch, time.perf_counter() - tick))
-                tick, sums = time.perf_counter(), []
-        log.flush(args.artifact, chunk_start)
-        _checkpoint(session, nets, nimg)
-    if rank == 0:
+    log = MetricsLog("distill", cfg.duration_nimg, session.rank)
+    guard = DivergenceGuard("distill", cfg.divergence_ratio, cfg.divergence_patience,
+                            f"Lower distill.lr and distill.fake_lr (now {cfg.lr:g}, {cfg.fake_lr:g}).")
+    chunk = partial(_train_chunk, session, args, nets, gen_model, fake_model, to_pixels, lpips, log, guard)
+    if train_guarded(session, nimg, cfg.duration_nimg, chunk) and session.rank == 0:
         save_network(args.artifact, "student", nets.generator.denoiser)
 
 
@@ -198,7 +223,7 @@ def _row(session: TrainSession, rows: list[dict[str, float]], nimg: int, images:
     keys = sorted(rows[0])
     sums = torch.tensor([sum(r[k] for r in rows) for k in keys], dtype=torch.float64, device=session.device)
     totals = session.all_reduce(sums).tolist()
-    means = {k: v / (len(rows) * session.world_size) for k, v in zip(keys, totals)}
+    means = {k: v / ((1 if k == "nonfinite_steps" else len(rows)) * session.world_size) for k, v in zip(keys, totals)}
     return {"nimg": nimg, **means, "img_per_s": images / seconds}
 
 
@@ -217,8 +242,9 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
     lpips_decoder(encoder_from_info(args.encoder), cfg.lpips_decoder)  # and so does a decoder
     job = DDPJob("distill", ctx.artifact.path("checkpoints"), cfg.num_workers, cfg.use_gpu, cfg.max_failures)
     start = time.perf_counter()
-    ctx.ddp(train_loop, args, job)
+    metrics = ctx.ddp(train_loop, args, job)
     rows = gather_metrics(ctx.artifact)
+    check_diverged(metrics, "distill")
     return {
         "student": {"file": "student.safetensors", "config": "student.json", "nfe": 1},
         "teacher": pairs["outputs"]["teacher"],

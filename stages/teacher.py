@@ -31,8 +31,9 @@ from pipeline.diffusion.loss import edm2_loss, sample_sigma
 from pipeline.diffusion.phema import PowerFunctionEMA
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.store import Artifact
-from pipeline.training import (MetricsLog, gather_metrics, load_state, mix_seed, mixed_precision, save_network,
-                               save_state, weights_bytes, zero_nonfinite_grads_)
+from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_state,
+                               mix_seed, mixed_precision, save_network, save_state, train_guarded, weights_bytes,
+                               zero_nonfinite_grads_)
 from pipeline.models.edm2 import Denoiser, build_denoiser
 
 VERSION = "2"  # 2: attention reads qkv in EDM2's channel order
@@ -142,6 +143,46 @@ def _restore(net: torch.nn.Module, opt: torch.optim.Optimizer, ema: PowerFunctio
     return int(state["nimg"])
 
 
+def _train_chunk(session: TrainSession, args: LoopArgs, model: torch.nn.Module, net: torch.nn.Module,
+                 params: list[torch.nn.Parameter], opt: torch.optim.Optimizer, ema: PowerFunctionEMA, encoder: Any,
+                 accum: int, log: MetricsLog, guard: DivergenceGuard, nimg: int) -> int:
+    """Train from `nimg` to the next checkpoint (or the end), checkpoint, and return the images seen."""
+    cfg, device, rank = args.cfg, session.device, session.rank
+    chunk_start = nimg
+    chunk_end = min((nimg // cfg.checkpoint_nimg + 1) * cfg.checkpoint_nimg, cfg.duration_nimg)
+    steps = (chunk_end - nimg) // cfg.batch
+    batches = iter(reader(args.shard_urls, cfg.batch_per_worker, rank=rank, world_size=session.world_size,
+                          seed=mix_seed(args.seed, rank, nimg), shuffle_buffer=cfg.shuffle_buffer,
+                          resampled=True, num_batches=steps * accum))
+    sums, nonfinite, tick, tick_nimg = torch.zeros(2 * len(SIGMA_BUCKETS) + 2, device=device), 0, time.perf_counter(), nimg
+    for _ in range(steps):
+        torch.manual_seed(mix_seed(args.seed, rank, nimg))  # noise, sigma, dropout, VAE sampling
+        rounds = _rounds(batches, encoder, cfg, device, args.net_config["num_classes"] > 0, accum)
+        lr = learning_rate(cfg, nimg)
+        per_sample, finite = train_step(model, params, opt, rounds, lr, cfg)
+        if not guard.reference:  # the first step of this process: the scale the guard holds losses to
+            guard.start(loss=float(session.all_reduce(per_sample.mean().reshape(1))) / session.world_size)
+        nimg += cfg.batch
+        guard.step(finite, nimg)
+        ema.update(net, nimg, cfg.batch)
+        sums += _bucket_sums(per_sample, torch.cat([r.sigma for r in rounds]))
+        nonfinite += not finite
+        if rank == 0 and nimg % cfg.snapshot_nimg == 0:
+            _write_snapshots(args.artifact, ema, nimg)
+        if nimg % cfg.log_nimg == 0 or nimg == chunk_end:
+            row = _metrics_row(session, sums, nonfinite, nimg, lr, (nimg - tick_nimg) / (time.perf_counter() - tick))
+            log.add(row)
+            guard.row(row)
+            sums.zero_()
+            nonfinite, tick, tick_nimg = 0, time.perf_counter(), nimg
+    log.flush(args.artifact, chunk_start)
+    if guard.suspect():
+        raise Diverged(f"teacher diverged at {nimg} images: the loss was out of range at this checkpoint (see "
+                       f"metrics.jsonl), so it was not saved. {guard.fix}")
+    _checkpoint(session, net, opt, ema, nimg)
+    return nimg
+
+
 def train_loop(session: TrainSession, args: LoopArgs) -> None:
     """Runs on every DDP worker: chunks of steps between checkpoints, until duration_nimg."""
     cfg, device, rank = args.cfg, session.device, session.rank
@@ -156,32 +197,10 @@ def train_loop(session: TrainSession, args: LoopArgs) -> None:
     encoder = encoder_from_info(args.encoder, str(device))
     accum = cfg.batch // (session.world_size * cfg.batch_per_worker)
     log = MetricsLog("teacher", cfg.duration_nimg, rank)
-    while nimg < cfg.duration_nimg:
-        chunk_start = nimg
-        chunk_end = min((nimg // cfg.checkpoint_nimg + 1) * cfg.checkpoint_nimg, cfg.duration_nimg)
-        steps = (chunk_end - nimg) // cfg.batch
-        batches = iter(reader(args.shard_urls, cfg.batch_per_worker, rank=rank, world_size=session.world_size,
-                              seed=mix_seed(args.seed, rank, nimg), shuffle_buffer=cfg.shuffle_buffer,
-                              resampled=True, num_batches=steps * accum))
-        sums, nonfinite, tick, tick_nimg = torch.zeros(2 * len(SIGMA_BUCKETS) + 2, device=device), 0, time.perf_counter(), nimg
-        for _ in range(steps):
-            torch.manual_seed(mix_seed(args.seed, rank, nimg))  # noise, sigma, dropout, VAE sampling
-            rounds = _rounds(batches, encoder, cfg, device, args.net_config["num_classes"] > 0, accum)
-            lr = learning_rate(cfg, nimg)
-            per_sample, finite = train_step(model, params, opt, rounds, lr, cfg)
-            nimg += cfg.batch
-            ema.update(net, nimg, cfg.batch)
-            sums += _bucket_sums(per_sample, torch.cat([r.sigma for r in rounds]))
-            nonfinite += not finite
-            if rank == 0 and nimg % cfg.snapshot_nimg == 0:
-                _write_snapshots(args.artifact, ema, nimg)
-            if nimg % cfg.log_nimg == 0 or nimg == chunk_end:
-                log.add(_metrics_row(session, sums, nonfinite, nimg, lr, (nimg - tick_nimg) / (time.perf_counter() - tick)))
-                sums.zero_()
-                nonfinite, tick, tick_nimg = 0, time.perf_counter(), nimg
-        log.flush(args.artifact, chunk_start)
-        _checkpoint(session, net, opt, ema, nimg)
-    if rank == 0:
+    guard = DivergenceGuard("teacher", cfg.divergence_ratio, cfg.divergence_patience,
+                            f"Lower teacher.lr (now {cfg.lr:g}) or raise teacher.batch (now {cfg.batch}).")
+    chunk = partial(_train_chunk, session, args, model, net, params, opt, ema, encoder, accum, log, guard)
+    if train_guarded(session, nimg, cfg.duration_nimg, chunk) and rank == 0:
         save_network(args.artifact, "network", net)  # the raw (non-EMA) weights at the end
 
 
@@ -250,8 +269,9 @@ def run(ctx: StageContext, cfg: TeacherConfig, inputs: dict[str, Artifact]) -> d
     args = LoopArgs(cfg, net.config, _shard_urls(inputs["encode"]), encode["encoder"], ctx.artifact, ctx.seed)
     job = DDPJob("teacher", ctx.artifact.path("checkpoints"), cfg.num_workers, cfg.use_gpu, cfg.max_failures)
     start = time.perf_counter()
-    ctx.ddp(train_loop, args, job)
+    metrics = ctx.ddp(train_loop, args, job)
     rows = gather_metrics(ctx.artifact)
+    check_diverged(metrics, "teacher")
     index = snapshot_index(ctx.artifact, cfg)
     last_ema = {s["sigma_rel"]: s["file"] for s in index if s["nimg"] == cfg.duration_nimg}
     return {

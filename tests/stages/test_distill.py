@@ -14,7 +14,7 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.diffusion.dmd import OneStepGenerator
 from pipeline.executor import InlineExecutor, InlineSession
-from pipeline.training import load_network
+from pipeline.training import Diverged, load_network
 from helpers import save_tiny_decoder, save_tiny_vae
 
 TINY = ["encode.num_images=32", "encode.shard_size=32", "teacher.channels=16", "teacher.batch=4",
@@ -169,3 +169,11 @@ def test_a_latent_model_distills_with_the_vae_or_the_lighter_lpips_decoder(tmp_p
         assert len(rows[name]) == 1 and all(np.isfinite(v) for v in rows[name][0].values())
     assert rows["vae"][0]["loss_dm"] == rows["tiny"][0]["loss_dm"]  # the same step but for LPIPS's decoder
     assert rows["vae"][0]["loss_reg"] != rows["tiny"][0]["loss_reg"]
+
+
+def test_a_diverging_distillation_stops_before_commit(storage):
+    cfg = _cfg(storage, "distill.duration_nimg=256", "distill.lr=100", "distill.fake_lr=100")
+    with pytest.raises(Diverged, match=r"distill diverged at \d+ images: .*Lower distill.lr and distill.fake_lr "
+                                       r"\(now 100, 100\)\..*not committed"):
+        dag.run(cfg, until="distill", executor=InlineExecutor())
+    assert _artifact(cfg, "distill").state() != "done"

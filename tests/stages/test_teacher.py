@@ -13,7 +13,7 @@ from pipeline.data.shards import reader
 from pipeline.diffusion.loss import edm2_loss
 from pipeline.executor import DDPJob, InlineExecutor, InlineSession, RayExecutor
 from pipeline.models.edm2 import MPConv
-from pipeline.training import load_network, read_weights
+from pipeline.training import STATE_FILE, Diverged, load_network, read_weights
 from stages import teacher as T
 
 STEPS_CFG = ["encode.num_images=200", "encode.shard_size=100", "teacher.batch=16",
@@ -176,3 +176,54 @@ def test_bad_input_fails_before_training(tmp_path):
         dag.run(C.load_config("ci", [*STEPS_CFG, "teacher.channel_mult=[1,2,2,2,2,2]"], storage=cfg.storage),
                 only=["teacher"], executor=InlineExecutor())
     assert _teacher(cfg).state() == "missing"
+
+
+# --- the divergence guard ------------------------------------------------------------------------
+
+def test_a_learning_rate_that_diverges_stops_before_commit(tmp_path):
+    cfg, _ = _encoded(str(tmp_path), "teacher.lr=1e6")
+    with pytest.raises(Diverged, match=r"teacher diverged at \d+ images: .*\. Lower teacher.lr \(now "
+                                       r"1e\+06\) or raise teacher.batch \(now 16\)\..* not committed"):
+        dag.run(cfg, until="teacher", executor=InlineExecutor())
+    assert _teacher(cfg).state() != "done"
+
+
+def _nan_gradients(monkeypatch, bad_steps: set[int]) -> None:
+    """Gradients of the listed optimiser steps (1-based) become NaN before the loop's check sees them."""
+    real, calls = T.zero_nonfinite_grads_, []
+
+    def poisoned(params):
+        params = list(params)
+        calls.append(1)
+        if len(calls) in bad_steps:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.fill_(float("nan"))
+        return real(params)
+
+    monkeypatch.setattr(T, "zero_nonfinite_grads_", poisoned)
+
+
+def test_a_nan_step_is_zeroed_and_counted_and_training_goes_on(tmp_path, monkeypatch):
+    cfg, _ = _encoded(str(tmp_path))
+    _nan_gradients(monkeypatch, {2})
+    dag.run(cfg, until="teacher", executor=InlineExecutor())
+    rows = [json.loads(line) for line in store.read_bytes(_teacher(cfg).path("metrics.jsonl")).decode().splitlines()]
+    assert [r["nonfinite_steps"] for r in rows] == [0, 1, 0, 0]  # a row per step
+    assert all(torch.isfinite(v).all() for v in load_network(_teacher(cfg), "network").state_dict().values())
+
+
+def test_nan_steps_after_a_checkpoint_stop_the_run_and_leave_the_checkpoint(tmp_path, monkeypatch):
+    """Steps 3-5 (images 48-80) are non-finite: the guard stops at the third. The checkpoints at 32 and 64
+    images stay (the zeroed steps changed nothing non-finite), and the artifact is not committed."""
+    cfg, _ = _encoded(str(tmp_path), "teacher.duration_nimg=96")
+    _nan_gradients(monkeypatch, {3, 4, 5})
+    with pytest.raises(Diverged, match="teacher diverged at 80 images: the loss or its gradients were not finite "
+                                       "for 3 steps in a row"):
+        dag.run(cfg, until="teacher", executor=InlineExecutor())
+    art = _teacher(cfg)
+    assert art.state() == "partial"
+    checkpoints = InlineSession(DDPJob("teacher", art.path("checkpoints"), 1, False, 0))._checkpoints()
+    states = [torch.load(store.join(c, STATE_FILE), weights_only=True) for c in checkpoints]  # local storage
+    assert [s["nimg"] for s in states] == [32, 64]
+    assert all(torch.isfinite(v).all() for s in states for v in s["net"].values())
