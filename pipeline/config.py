@@ -52,7 +52,7 @@ class EncodeConfig:
     source: str = "synthetic"  # synthetic | imagefolder | imagenet
     path: str = ""  # dataset folder URL (imagefolder, imagenet)
     resolution: int = 32  # output images are resolution x resolution (ADM centre crop)
-    num_images: int = 2000  # synthetic: how many; folders: first N of the sorted listing (0 = all)
+    num_images: int = 2000  # synthetic: how many; folders: a seeded sample of N, every class in proportion (0 = all)
     num_classes: int = 10  # synthetic only; folders take it from their class folders
     encoder: str = "rgb"  # rgb (pixels in [-1, 1]) | vae (posterior mean and std)
     vae: str = "stabilityai/sd-vae-ft-mse"  # hub id, local folder or fsspec URL

@@ -29,7 +29,7 @@ from pipeline.data.sources import make_source
 from pipeline.executor import Resources
 from pipeline.store import Artifact
 
-VERSION = "2"  # 2: synthetic classes differ by shape only (colour random per image)
+VERSION = "3"  # 2: synthetic classes differ by shape only (colour random per image); 3: folders sampled by class
 UPSTREAM: tuple[str, ...] = ()
 PREFIX = "shards/data"
 

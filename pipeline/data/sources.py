@@ -192,30 +192,47 @@ class _ListedSource:
         return preprocess(image, self.resolution), int(self.labels[index]), source_id
 
 
-def _take(per_class: Iterator[list[T]], limit: int) -> tuple[list[T], list[int]]:
-    """Concatenate per-class lists with their labels, stopping once `limit` (> 0) are found."""
+def class_quotas(sizes: list[int], limit: int) -> list[int]:
+    """How many of each class a sample of `limit` takes: in proportion to the class sizes, rounded by
+    largest remainder (ties to the lower class index), never more than a class has."""
+    total = sum(sizes)
+    if limit <= 0 or limit >= total:
+        return list(sizes)
+    exact = [limit * n / total for n in sizes]
+    quotas = [int(e) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda c: (-(exact[c] - quotas[c]), c))
+    for c in by_remainder[: limit - sum(quotas)]:
+        quotas[c] += 1
+    return quotas
+
+
+def _take(per_class: Iterator[list[T]], limit: int, seed: int) -> tuple[list[T], list[int]]:
+    """Per-class lists concatenated with their labels; with `limit` > 0 a seeded, class-stratified sample
+    of that many (every class in proportion), each class's picks in their listed order."""
+    classes = list(per_class)
+    quotas = class_quotas([len(found) for found in classes], limit)
     items: list[T] = []
     labels: list[int] = []
-    for label, found in enumerate(per_class):
+    for label, (found, quota) in enumerate(zip(classes, quotas)):
+        if quota < len(found):
+            picked = np.sort(np.random.default_rng([seed, label]).choice(len(found), quota, replace=False))
+            found = [found[i] for i in picked]
         items += found
         labels += [label] * len(found)
-        if 0 < limit <= len(items):
-            break
-    end = limit if limit > 0 else len(items)
-    return items[:end], labels[:end]
+    return items, labels
 
 
 class ImageFolderSource(_ListedSource):
     """`root/<class>/**/*.{jpg,jpeg,png,webp}`; classes are the sorted folder names."""
 
-    def __init__(self, url: str, resolution: int, limit: int = 0) -> None:
+    def __init__(self, url: str, resolution: int, limit: int = 0, seed: int = 0) -> None:
         root = store.normalize_url(url)
         _check_folder(root, "image folder")
         class_urls = [d for d in store.list_dir(root)[0] if not _basename(d).startswith(".")]
         if not class_urls:
             raise ValueError(f"image folder {store.redact(root)} has no class sub-folders: "
                              "expected root/<class name>/<images>")
-        relpaths, labels = _take((_class_images(d) for d in class_urls), limit)
+        relpaths, labels = _take((_class_images(d) for d in class_urls), limit, seed)
         super().__init__(root, resolution, [_basename(d) for d in class_urls], relpaths, labels)
 
 
@@ -237,7 +254,7 @@ class ImageNetSource(_ListedSource):
     one member's byte range. Synset folders win if both layouts are present.
     """
 
-    def __init__(self, url: str, resolution: int, limit: int = 0) -> None:
+    def __init__(self, url: str, resolution: int, limit: int = 0, seed: int = 0) -> None:
         root = store.normalize_url(url)
         _check_folder(root, "imagenet folder")
         dirs, files = store.list_dir(root)
@@ -250,10 +267,10 @@ class ImageNetSource(_ListedSource):
         self.ranges: np.ndarray | None = None  # [N, 2] (offset, size) in the tars; None: folders
         if folders:
             synsets = [_basename(d) for d in folders]
-            relpaths, labels = _take((_class_images(d) for d in folders), limit)
+            relpaths, labels = _take((_class_images(d) for d in folders), limit, seed)
         else:
             synsets = [_basename(t).removesuffix(".tar") for t in tars]
-            members, labels = _take((_tar_members(t, s) for t, s in zip(tars, synsets)), limit)
+            members, labels = _take((_tar_members(t, s) for t, s in zip(tars, synsets)), limit, seed)
             relpaths = [name for name, _, _ in members]
             self.ranges = np.array([(o, s) for _, o, s in members], dtype=np.int64).reshape(-1, 2)
         super().__init__(root, resolution, synsets, relpaths, labels)
@@ -271,5 +288,5 @@ def make_source(cfg: EncodeConfig, seed: int) -> ImageSource:
     if cfg.source == "synthetic":
         return SyntheticSource(cfg.num_images, cfg.resolution, cfg.num_classes, seed)
     if cfg.source == "imagefolder":
-        return ImageFolderSource(cfg.path, cfg.resolution, limit=cfg.num_images)
-    return ImageNetSource(cfg.path, cfg.resolution, limit=cfg.num_images)
+        return ImageFolderSource(cfg.path, cfg.resolution, limit=cfg.num_images, seed=seed)
+    return ImageNetSource(cfg.path, cfg.resolution, limit=cfg.num_images, seed=seed)

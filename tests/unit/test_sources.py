@@ -12,7 +12,7 @@ from PIL import Image
 from pipeline import store
 from pipeline.config import EncodeConfig
 from pipeline.data.preprocess import CorruptImage, center_crop_adm, decode_image, to_rgb
-from pipeline.data.sources import ImageFolderSource, ImageNetSource, SyntheticSource, make_source
+from pipeline.data.sources import ImageFolderSource, ImageNetSource, SyntheticSource, class_quotas, make_source
 from helpers import image_bytes, make_image_folder, make_imagenet
 
 SYNSETS = ["n01440764", "n01443537", "n02085620"]
@@ -128,7 +128,7 @@ def test_imagefolder_mixed_modes_and_a_corrupt_file(tmp_path: Path) -> None:
     with pytest.raises(CorruptImage, match="dog/zz_broken.jpg"):
         src.load(10)
     limited = ImageFolderSource(str(root), 16, limit=8)
-    assert limited.relpaths == ids[:8] and limited.load(7)[1] == 1
+    assert set(limited.relpaths) <= set(ids) and np.bincount(limited.labels).tolist() == [5, 3]  # 7 cats, 4 dogs
 
 
 def test_imagefolder_on_memory_filesystem_matches_local(tmp_path: Path) -> None:
@@ -149,7 +149,8 @@ def test_imagenet_folders_and_tars_agree(tmp_path: Path) -> None:
     assert tars.relpaths[0] == "n01440764/n01440764_0.JPEG" and tars.ranges is not None
     for (a, la, ia), (b, lb, ib) in zip(_load_all(folders), _load_all(tars), strict=True):
         assert np.array_equal(a, b) and (la, ia) == (lb, ib)
-    assert ImageNetSource(str(tmp_path / "t"), 32, limit=4).relpaths == tars.relpaths[:4]
+    assert ImageNetSource(str(tmp_path / "t"), 32, limit=4, seed=3).relpaths == \
+        ImageNetSource(str(tmp_path / "f"), 32, limit=4, seed=3).relpaths  # the same sample of either layout
 
 
 def test_clear_errors(tmp_path: Path) -> None:
@@ -176,3 +177,22 @@ def test_make_source(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "ds", {"a": 3, "b": 3})
     folder = make_source(EncodeConfig(source="imagefolder", path=str(root), num_images=4), seed=1)
     assert isinstance(folder, ImageFolderSource) and len(folder) == 4 and folder.num_classes == 2
+
+
+def test_num_images_of_a_folder_is_a_seeded_sample_of_every_class_in_proportion(tmp_path: Path) -> None:
+    """Not the first N of the sorted listing (which on ImageNet would be the first few classes): a
+    sample with each class's share, reproducible from the seed."""
+    assert class_quotas([50, 30, 20], 10) == [5, 3, 2]
+    assert class_quotas([7, 7, 7], 10) == [4, 3, 3]  # largest remainder, ties to the lower class
+    assert class_quotas([1, 99], 10) == [0, 10] and class_quotas([3, 4], 0) == class_quotas([3, 4], 9) == [3, 4]
+    root = make_image_folder(tmp_path / "ds", {"a": 12, "b": 6, "c": 6})
+    sample = ImageFolderSource(str(root), 16, limit=12, seed=5)
+    counts = np.bincount(sample.labels, minlength=3)
+    assert counts.tolist() == [6, 3, 3]
+    assert sample.relpaths == ImageFolderSource(str(root), 16, limit=12, seed=5).relpaths
+    assert sample.relpaths != ImageFolderSource(str(root), 16, limit=12, seed=6).relpaths
+    every = ImageFolderSource(str(root), 16).relpaths
+    assert all(every.index(a) < every.index(b) for a, b in zip(sample.relpaths, sample.relpaths[1:]))  # listed order
+    imagenet = ImageNetSource(str(make_imagenet(tmp_path / "in", SYNSETS, 5, as_tars=True)), 16,
+                              limit=len(SYNSETS) * 2, seed=0)
+    assert np.bincount(imagenet.labels).tolist() == [2] * len(SYNSETS)
