@@ -1,9 +1,12 @@
-"""`onestep run | status | show | sample | runtime-env`: the command line, also behind `workflows/full.py`.
+"""`onestep run | status | show | verify | sample | import-edm2 | runtime-env`: the command line, also
+behind `workflows/full.py`.
 
     onestep run                          # the demo preset into ./artifacts
     onestep run --config ci --storage /tmp/os --set encode.num_images=200 --dry-run
     onestep status --config ci --storage /tmp/os
     onestep show encode --config ci --storage /tmp/os
+    onestep verify --config ci --storage /tmp/os        # re-read every stored file against its manifest
+    onestep run --repair encode --config ci --storage /tmp/os
     onestep sample --model student --num 16 --out grid.png --config ci --storage /tmp/os
     onestep runtime-env --env AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY   # for ray job submit
 """
@@ -34,6 +37,12 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--only", nargs="+", default=[], metavar="STAGE", help="run just these stages, from cached upstream")
     p.add_argument("--force", nargs="+", default=[], metavar="STAGE", help="recompute these stages and everything downstream")
     p.add_argument("--until", default=None, metavar="STAGE", help="run this stage and what it needs, nothing after")
+    p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
+                   help="when another run is writing an artifact this one needs: wait for it and use its result "
+                   "(default), or stop with an error naming it (--no-wait)")
+    p.add_argument("--repair", nargs="+", default=[], metavar="STAGE",
+                   help="first re-read these stages' artifacts and remake their damaged files (only the damaged pieces "
+                   "of encode, pairs and phema), and whatever downstream they change")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config, the plan and what it will cost (work, storage, "
                    "GPU-hours at the preset's estimate.* rates); run nothing")
 
@@ -46,6 +55,10 @@ def parser() -> argparse.ArgumentParser:
     show = sub.add_parser("show", help="print one stage's manifest")
     show.add_argument("stage")
     _add_config_args(show)
+    verify = sub.add_parser("verify", help="re-read every file of the stored artifacts against their manifests' "
+                            "checksums, in parallel tasks; exit 1 when one is damaged")
+    verify.add_argument("stages", nargs="*", metavar="STAGE", help="the stages to check (default: all)")
+    _add_config_args(verify)
     sample = sub.add_parser("sample", help="draw images from the student or a teacher variant of a run")
     _add_config_args(sample)
     sample.add_argument("--model", default="student", help="student | teacher[:SIGMA_REL] (default sigma_rel: pairs.sigma_rel)")
@@ -163,11 +176,30 @@ def report_line(cfg: C.Config, plan: dag.Plan) -> str:
     return line
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from pipeline.integrity import verify
+
+    states, damage = verify(load(args), args.stages)
+    for stage, state in states.items():
+        bad = [d for d in damage if d.stage == stage]
+        print(f"{stage:<10} {state:<8} {'not checked' if state != 'done' else f'{len(bad)} damaged' if bad else 'intact'}")
+    for d in damage:
+        print(f"damaged: {d}")
+    if damage:
+        stages = " ".join(dict.fromkeys(d.stage for d in damage))
+        print(f"to remake them: onestep run --repair {stages} (with the same --config, --storage and --set)")
+    return 1 if damage else 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(args)
     if args.dry_run:
         print(C.dump(cfg))
-    plan = dag.run(cfg, args.only, args.force, args.until, dry_run=args.dry_run)
+    if args.repair and not args.dry_run:
+        from pipeline.integrity import repair
+
+        repair(cfg, args.repair)  # the stale downstream artifacts it deletes are remade below
+    plan = dag.run(cfg, args.only, args.force, args.until, dry_run=args.dry_run, wait=args.wait)
     print(plan.table() if args.dry_run or not plan.to_run else status_table(cfg))
     if args.dry_run:
         from pipeline.estimate import table
@@ -202,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_run(args)
         if args.command == "sample":
             return cmd_sample(args)
+        if args.command == "verify":
+            return cmd_verify(args)
         if args.command == "import-edm2":
             from pipeline.models.edm2_release import import_network
 

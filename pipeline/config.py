@@ -345,6 +345,7 @@ class Config:
     executor: str = "ray"  # ray | inline (same calls in-process, for debugging)
     seed: int = 0
     max_in_flight: int = throughput(64)  # Ray tasks submitted at once per map
+    lease_timeout_s: float = throughput(120.0)  # a writer's lease with an older heartbeat is taken over
     encode: EncodeConfig = field(default_factory=EncodeConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -357,7 +358,7 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_choice("config", "executor", self.executor, ("ray", "inline"))
-        _check_positive("config", max_in_flight=self.max_in_flight)
+        _check_positive("config", max_in_flight=self.max_in_flight, lease_timeout_s=self.lease_timeout_s)
 
 
 @dataclass(frozen=True)

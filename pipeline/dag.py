@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from pipeline import config as C
-from pipeline import store
+from pipeline import lease, store
 from pipeline.executor import DDPJob, Executor, Resources, TrainSession, make_executor
 
 log = logging.getLogger("onestep")
@@ -47,6 +47,7 @@ class Node:
     upstream: tuple[str, ...]
     version: str
     section: str = ""  # its config section, if not named like the stage
+    piecewise: bool = False  # its run makes only the pieces not yet committed (see pipeline/integrity.py)
 
     def config(self, cfg: C.Config) -> Any:
         return getattr(cfg, self.section or self.name)
@@ -56,14 +57,14 @@ class Node:
         return module.run(ctx, section, inputs) or {}
 
 
-def _constants(module_name: str, names: tuple[str, ...]) -> dict[str, Any]:
+def _constants(module_name: str, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
     """Top-level literal constants of a module, read from its source without importing it
     (stage modules import torch; `onestep status` should not have to)."""
     tree = ast.parse(Path(importlib.util.find_spec(module_name).origin).read_text())
     found = {}
     for stmt in tree.body:
         target = stmt.target if isinstance(stmt, ast.AnnAssign) else (stmt.targets[0] if isinstance(stmt, ast.Assign) else None)
-        if isinstance(target, ast.Name) and target.id in names:
+        if isinstance(target, ast.Name) and target.id in names + optional:
             found[target.id] = ast.literal_eval(stmt.value)
     missing = set(names) - set(found)
     assert not missing, f"stage module {module_name} lacks {missing}"
@@ -73,8 +74,9 @@ def _constants(module_name: str, names: tuple[str, ...]) -> dict[str, Any]:
 def graph() -> dict[str, Node]:
     nodes = {}
     for name, (module_name, section) in STAGE_MODULES.items():
-        consts = _constants(module_name, ("VERSION", "UPSTREAM"))
-        nodes[name] = Node(name, module_name, tuple(consts["UPSTREAM"]), str(consts["VERSION"]), section)
+        consts = _constants(module_name, ("VERSION", "UPSTREAM"), optional=("PIECEWISE",))
+        nodes[name] = Node(name, module_name, tuple(consts["UPSTREAM"]), str(consts["VERSION"]), section,
+                           bool(consts.get("PIECEWISE", False)))
     return nodes
 
 
@@ -110,7 +112,7 @@ def cache_keys(nodes: dict[str, Node], cfg: C.Config) -> dict[str, str]:
     return keys
 
 
-def _closure(nodes: dict[str, Node], start: set[str], downstream: bool) -> set[str]:
+def closure(nodes: dict[str, Node], start: set[str], downstream: bool) -> set[str]:
     """`start` plus every stage upstream (or downstream) of it."""
     edges = {n: set(nodes[n].upstream) for n in nodes}
     if downstream:
@@ -140,7 +142,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def _check_names(nodes: dict[str, Node], names: list[str], flag: str) -> None:
+def check_names(nodes: dict[str, Node], names: list[str], flag: str) -> None:
     for name in names:
         if name not in nodes:
             raise ValueError(f"{flag} {name}: unknown stage; stages: {', '.join(nodes)}")
@@ -148,16 +150,16 @@ def _check_names(nodes: dict[str, Node], names: list[str], flag: str) -> None:
 
 def make_plan(nodes: dict[str, Node], cfg: C.Config, st: store.Store, only: list[str] = (),
               force: list[str] = (), until: str | None = None) -> Plan:
-    _check_names(nodes, [*only, *force, *([until] if until else [])], "--only/--force/--until")
+    check_names(nodes, [*only, *force, *([until] if until else [])], "--only/--force/--until")
     keys = cache_keys(nodes, cfg)
     states = {n: st.artifact(n, keys[n]).state() for n in nodes}
     if only:
         selected = set(only)
     elif until:
-        selected = _closure(nodes, {until}, downstream=False)
+        selected = closure(nodes, {until}, downstream=False)
     else:
         selected = set(nodes)
-    forced = _closure(nodes, set(force), downstream=True) if force else set()
+    forced = closure(nodes, set(force), downstream=True) if force else set()
     order = [n for n in nodes if n in selected]
     to_run = [n for n in order if n in forced or states[n] != "done"]
     for n in to_run:
@@ -186,14 +188,23 @@ class StageContext:
         return self.executor.ddp(train_fn, args, job)
 
 
-def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor) -> dict[str, Any]:
+def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor,
+              before_commit: Callable[[], None] = lambda: None) -> dict[str, Any]:
     artifact = st.artifact(node.name, keys[node.name])
     section = node.config(cfg)
     inputs = {u: st.artifact(u, keys[u]) for u in node.upstream}
+    for upstream in inputs.values():
+        upstream.check_sizes()  # one listing each: a missing or cut file stops here, naming the fix
     ctx = StageContext(artifact, executor, cfg.seed)
     log.info("%s: running (key %s) -> %s", node.name, keys[node.name], store.redact(artifact.url))
     start = time.time()
-    outputs = node.run(ctx, section, inputs)
+    try:
+        outputs = node.run(ctx, section, inputs)
+    except Exception as e:
+        lost = store.connection_lost(e, st.root, f"stage {node.name}")
+        if lost is not None:
+            raise lost from e
+        raise
     manifest = {
         "stage": node.name,
         "key": keys[node.name],
@@ -205,13 +216,16 @@ def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], 
         "wall_time_s": round(time.time() - start, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
+    before_commit()
     return artifact.commit(manifest)
 
 
 def run(cfg: C.Config, only: list[str] = (), force: list[str] = (), until: str | None = None,
         dry_run: bool = False, executor: Executor | None = None,
-        nodes: dict[str, Node] | None = None) -> Plan:
-    """Compute the missing (or forced) artifacts of the selected stages, in order."""
+        nodes: dict[str, Node] | None = None, wait: bool = True) -> Plan:
+    """Compute the missing (or forced) artifacts of the selected stages, in order, each under its lease
+    (`pipeline/lease.py`): an artifact another run is writing is waited for and used (or, with
+    `wait=False`, an error)."""
     nodes = nodes or graph()
     st = store.Store(cfg.storage)
     store.check_storage(st.root)  # before anything reads it: a bad URL fails in seconds, naming the fix
@@ -225,10 +239,16 @@ def run(cfg: C.Config, only: list[str] = (), force: list[str] = (), until: str |
     check_cluster_storage(executor.num_nodes(), st.root, cfg.shared_storage)
     check_resources(executor, [nodes[name] for name in plan.to_run], cfg)
     log.info("plan:\n%s", plan.table())
-    for name in plan.forced:
-        st.artifact(name, plan.keys[name]).delete()
+    for name in plan.forced:  # all before any stage runs: no forced artifact outlives its remade inputs
+        with lease.held(st.artifact(name, plan.keys[name]).url, cfg.lease_timeout_s, name, wait):
+            st.artifact(name, plan.keys[name]).delete()
     for name in plan.to_run:
-        run_stage(nodes[name], cfg, st, plan.keys, executor)
+        artifact = st.artifact(name, plan.keys[name])
+        with lease.held(artifact.url, cfg.lease_timeout_s, name, wait) as held:
+            if artifact.state() == "done":  # committed by the run whose lease this one waited for
+                log.info("%s: made by another run meanwhile (key %s): using it", name, plan.keys[name])
+                continue
+            run_stage(nodes[name], cfg, st, plan.keys, executor, held.check)
     return plan
 
 

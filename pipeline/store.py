@@ -21,12 +21,14 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import fsspec
+import xxhash
 from fsspec.core import url_to_fs
 
 MANIFEST = "manifest.json"
@@ -54,7 +56,11 @@ def protocol(url: str) -> str:
 
 
 def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    return url_to_fs(url)
+    if protocol(url) in ("file", "memory"):
+        return url_to_fs(url)
+    # no listings cache: other processes write the same folders (Ray tasks, a second driver), and a
+    # cached listing would hide their files (a manifest another run committed, a lease)
+    return url_to_fs(url, use_listings_cache=False)
 
 
 def _to_url(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
@@ -64,21 +70,162 @@ def _to_url(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
 
 
 def open_url(url: str, mode: str = "rb") -> BinaryIO:
-    """Open one file for reading or writing; parent folders are created for local writes."""
+    """Open one file for reading or writing; parent folders are created for local writes. What is
+    written is checksummed on the way (see `ChecksumWriter`)."""
     fs, path = _fs(url)
     if "w" in mode and protocol(url) == "file":
         fs.makedirs(os.path.dirname(path), exist_ok=True)
-    return fs.open(path, mode)
+    f = fs.open(path, mode)
+    return ChecksumWriter(f, url) if "w" in mode else f
+
+
+# --- checksums ---------------------------------------------------------------------------------
+# Every file written through this module is checksummed (xxh3-64, ~10 GB/s) as it is written; the
+# (size, checksum) waits in `_WRITTEN` until a piece marker or the manifest of its artifact takes it.
+
+CHECKSUM = "xxh3_64"
+_WRITTEN: dict[str, tuple[int, str]] = {}  # URL -> (size, checksum) of files this process wrote
+
+
+class ChecksumWriter:
+    """A writable file that hashes what passes through it and records it in `_WRITTEN` on close."""
+
+    def __init__(self, f: Any, url: str) -> None:
+        self._f, self._url, self._hash, self._size = f, url, xxhash.xxh3_64(), 0
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._hash.update(view)
+        self._size += len(view)
+        return self._f.write(data)
+
+    def tell(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+            _WRITTEN[self._url] = (self._size, self._hash.hexdigest())
+
+    @property
+    def closed(self) -> bool:
+        return self._f.closed
+
+    def __enter__(self) -> ChecksumWriter:
+        return self
+
+    def __exit__(self, kind: Any, *_: Any) -> None:
+        if kind is None:
+            self.close()
+        else:  # a failed write is not recorded as written
+            self._f.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+class ChecksumMismatch(ValueError):
+    """A file's bytes are not those its artifact's manifest recorded."""
+
+
+_ARTIFACT_FILE = re.compile(r"^(.*/[a-z]+/[0-9a-f]{16})/(.+)$")  # {storage}/{stage}/{key}/{file}
+
+
+_RECORDED: dict[str, dict[str, str]] = {}  # committed artifact URL -> its manifest's checksums
+
+
+def _recorded_checksums(artifact_url: str, fresh: bool) -> dict[str, str]:
+    if fresh or artifact_url not in _RECORDED:
+        try:
+            with open_url(join(artifact_url, MANIFEST)) as f:  # not read_bytes: that checks against this
+                _RECORDED[artifact_url] = json.loads(f.read()).get("checksums", {})
+        except (FileNotFoundError, ValueError):  # not committed (yet), or a damaged manifest: not remembered
+            return {}
+    return _RECORDED[artifact_url]
+
+
+def recorded_checksum(url: str, fresh: bool = False) -> str | None:
+    """The checksum that the manifest of a file's artifact records for it; None before the artifact is
+    committed, and for files outside artifacts."""
+    match = _ARTIFACT_FILE.match(url)
+    if match is None:
+        return None
+    return _recorded_checksums(match[1], fresh).get(match[2])
+
+
+def check_checksum(url: str, digest: str) -> None:
+    """Raise a clear error when a committed file's bytes (hashed as it was read) are not those recorded."""
+    if recorded_checksum(url) in (None, digest):
+        return
+    expected = recorded_checksum(url, fresh=True)  # the artifact may have been remade since it was cached
+    if expected not in (None, digest):
+        raise ChecksumMismatch(f"{redact(url)} is damaged: its bytes are not those its artifact's manifest recorded "
+                               f"(checksum {digest}, recorded {expected}); {damage_hint(url)}")
+
+
+def xxh3(data: bytes) -> str:
+    return xxhash.xxh3_64_hexdigest(data)
+
+
+def checksum(url: str) -> tuple[int, str]:
+    """(size, checksum) of a stored file, streamed."""
+    digest, size = xxhash.xxh3_64(), 0
+    with open_url(url) as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
+
+
+def _claim(prefix: str) -> dict[str, tuple[int, str]]:
+    """(size, checksum) of the files this process wrote under `prefix` (relative names), taken out of `_WRITTEN`."""
+    prefix = prefix.rstrip("/") + "/"
+    return {url[len(prefix):]: _WRITTEN.pop(url) for url in [u for u in _WRITTEN if u.startswith(prefix)]}
+
+
+def damage_hint(url: str) -> str:
+    """The fix for a damaged file of an artifact `{storage}/{stage}/{key}/...`."""
+    match = re.search(r"/([a-z]+)/([0-9a-f]{16})/", url)
+    stage = match[1] if match else "STAGE"
+    return (f"run `onestep verify {stage}` (same config) to list the damaged files, then `onestep run --repair "
+            f"{stage}` to remake them (or `--force {stage}`)")
 
 
 def read_bytes(url: str) -> bytes:
+    """A whole file; a committed artifact's file is checked against its manifest's checksum."""
     with open_url(url, "rb") as f:
-        return f.read()
+        data = f.read()
+    check_checksum(url, xxh3(data))
+    return data
 
 
 def write_bytes(url: str, data: bytes) -> None:
     with open_url(url, "wb") as f:
         f.write(data)
+
+
+def create_exclusive(url: str, data: bytes) -> bool:
+    """Write a small file only if none is there; False when one is. Atomic on local paths and NFS
+    (link(2)) and on S3 (If-None-Match: *); other stores use fsspec's check-then-create, which leaves a
+    window of one round trip in which two writers can both succeed."""
+    fs, path = _fs(url)
+    if protocol(url) == "file":
+        fs.makedirs(os.path.dirname(path), exist_ok=True)
+        partial = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
+        with open(partial, "wb") as f:
+            f.write(data)
+        try:
+            os.link(partial, path)
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(partial)
+        return True
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        return False
+    return True
 
 
 def read_range(url: str, offset: int, size: int) -> bytes:
@@ -211,6 +358,24 @@ def _storage_error(url: str, doing: str, fs: fsspec.AbstractFileSystem, path: st
                       "and the credentials in the environment.")
 
 
+_CONNECTION_ERRORS = {"ConnectionError", "EndpointConnectionError", "ClientConnectorError", "ConnectTimeoutError",
+                      "ReadTimeoutError", "ServerDisconnectedError", "ClientOSError", "TimeoutError"}
+
+
+def connection_lost(e: BaseException, url: str, what: str) -> ValueError | None:
+    """A store that stopped answering in the middle of `what`, as a one-line error with the fix; None
+    for any other failure. Looks through the exception's chain (and Ray's wrappers, which subclass it)."""
+    seen = e
+    while seen is not None:
+        names = {c.__name__ for c in type(seen).__mro__}
+        if names & _CONNECTION_ERRORS:
+            return ValueError(f"{what}: lost the connection to the storage {redact(url)} ({type(seen).__name__}: "
+                              f"{redact(str(seen))[:200]}). Nothing of it was committed, and what it saved is kept: "
+                              "rerun the same command once the storage answers, and it goes on from there")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def check_storage(url: str) -> None:
     """Fail within seconds, naming the URL and the fix, when the storage cannot be read: an
     unreachable endpoint, no credentials, no such bucket, access denied. Writes nothing."""
@@ -247,22 +412,6 @@ def pyarrow_filesystem(url: str) -> tuple[Any, str]:
         return pafs.LocalFileSystem(), _fs(url)[1]
     fs, path = _fs(url)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
-
-
-def register_webdataset_schemes() -> None:
-    """Let WebDataset (which does not use fsspec) read and write every fsspec URL.
-
-    Must run in every process that opens shards: the driver, Ray workers, loader workers.
-    """
-    gopen = sys.modules.get("webdataset.gopen")
-    if gopen is None:
-        import webdataset.gopen as gopen
-    for scheme in ("memory", "s3", "gs", "gcs", "file", "az", "abfs", "http", "https"):
-        gopen.gopen_schemes[scheme] = _gopen_fsspec
-
-
-def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_: Any) -> BinaryIO:
-    return open_url(url, mode)
 
 
 def library_versions() -> dict[str, str]:
@@ -304,24 +453,46 @@ class Artifact:
     def write_json(self, relpath: str, obj: Any) -> None:
         write_bytes(self.path(relpath), json.dumps(obj, indent=2, sort_keys=True).encode())
 
+    def read_bytes(self, relpath: str) -> bytes:
+        return read_bytes(self.path(relpath))
+
     def read_json(self, relpath: str) -> Any:
-        return json.loads(read_bytes(self.path(relpath)))
+        data = read_bytes(self.path(relpath))
+        try:
+            return json.loads(data)
+        except ValueError as e:
+            raise ChecksumMismatch(f"{redact(self.path(relpath))} is damaged ({e}); {damage_hint(self.path(relpath))}") from None
 
     # Pieces: a piece is complete only once its marker exists (written after the piece).
     def piece_done(self, name: str) -> bool:
         return self.exists(f"{PIECES}/{name}.json")
 
-    def commit_piece(self, name: str, info: dict[str, Any]) -> None:
-        self.write_json(f"{PIECES}/{name}.json", info)
+    def commit_piece(self, name: str, info: dict[str, Any], files: tuple[str, ...] | list[str] = ()) -> None:
+        """The piece's marker, written after its `files`, with their checksums (taken as they were written)."""
+        sums = {}
+        for rel in files:
+            written = _WRITTEN.pop(self.path(rel), None)
+            sums[rel] = written[1] if written else checksum(self.path(rel))[1]
+        self.write_json(f"{PIECES}/{name}.json", {**info, "checksums": sums})
 
     def read_piece(self, name: str) -> dict[str, Any]:
-        return self.read_json(f"{PIECES}/{name}.json")
+        """A piece's info (its checksums left out: those are the manifest's business)."""
+        info = self.read_json(f"{PIECES}/{name}.json")
+        info.pop("checksums", None)
+        return info
 
     def manifest(self) -> dict[str, Any] | None:
         try:
-            return self.read_json(MANIFEST)
+            manifest = json.loads(read_bytes(self.path(MANIFEST)))
+            if manifest.get("manifest_checksum", _manifest_checksum(manifest)) != _manifest_checksum(manifest):
+                raise ValueError("its content does not match its manifest_checksum")
+            return manifest
         except FileNotFoundError:
             return None
+        except (ValueError, AttributeError) as e:  # cut or altered JSON
+            stage = re.search(r"/([a-z]+)/[0-9a-f]{16}$", self.url)
+            raise ChecksumMismatch(f"the manifest {redact(self.path(MANIFEST))} is damaged ({e}): rerun with "
+                                   f"--force {stage[1] if stage else 'STAGE'} to remake the artifact") from None
 
     def state(self) -> str:
         """'done' (manifest present), 'partial' (some files, no manifest) or 'missing'."""
@@ -329,16 +500,42 @@ class Artifact:
             return "done"
         return "partial" if exists(self.url) and sizes(self.url) else "missing"
 
+    def checksums(self, files: dict[str, int]) -> dict[str, str]:
+        """Each file's checksum: from the piece markers and what this process wrote (both taken as the files
+        were written), else read back once (files written outside this module or by other processes:
+        Ray Train's checkpoints, a training worker's network)."""
+        known: dict[str, str] = {}
+        for rel in files:
+            if rel.startswith(PIECES + "/") and rel.endswith(".json"):
+                known.update(self.read_json(rel).get("checksums", {}))
+        known.update({rel: digest for rel, (size, digest) in _claim(self.url).items() if files.get(rel) == size})
+        return {rel: known[rel] if rel in known else checksum(self.path(rel))[1] for rel in files}
+
+    def check_sizes(self) -> None:
+        """Before a stage uses this artifact: its files are there with the sizes its manifest lists (one
+        listing; contents are checked as they are read)."""
+        manifest = self.manifest() or {}
+        listed = manifest.get("files", {})
+        found = sizes(self.url)
+        bad = [f"{rel} ({'missing' if rel not in found else f'{found[rel]} bytes, the manifest says {size}'})"
+               for rel, size in listed.items() if found.get(rel) != size]
+        if bad:
+            raise ChecksumMismatch(f"the {manifest.get('stage', 'upstream')} artifact {redact(self.url)} is damaged: "
+                                   f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}: {damage_hint(self.url + '/')}")
+
     def commit(self, manifest: dict[str, Any]) -> dict[str, Any]:
-        """Write `manifest.json` last, listing every file already written with its size."""
+        """Write `manifest.json` last, listing every file already written with its size and checksum."""
         files = {p: s for p, s in sizes(self.url).items() if p != MANIFEST}
         full = {
             **manifest,
             "files": files,
+            "checksums": self.checksums(files),
+            "checksum": CHECKSUM,
             "size_bytes": sum(files.values()),
             "versions": library_versions(),
             "git_commit": git_commit(),
         }
+        full["manifest_checksum"] = _manifest_checksum(full)
         self.write_json(MANIFEST, full)
         return full
 
@@ -388,6 +585,12 @@ class Store:
 
 
 _STAMPS = ("ETag", "etag", "ETAG", "mtime", "LastModified", "last_modified", "Last-Modified", "updated", "generation")
+
+
+def _manifest_checksum(manifest: dict[str, Any]) -> str:
+    """The manifest's own checksum: of its canonical JSON, this field left out."""
+    rest = {k: v for k, v in manifest.items() if k != "manifest_checksum"}
+    return xxh3(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
 
 
 def _sha256_json(obj: Any) -> str:

@@ -6,9 +6,11 @@ No Ray here: a loop gets a `TrainSession` from the executor; storage goes throug
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import math
 import os
+import pickle
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +23,7 @@ from pipeline import store
 from pipeline.models.edm2 import Denoiser, build_denoiser
 
 STATE_FILE = "state.pt"
+STATE_CHECKSUM = "state.xxh3"
 
 
 def mix_seed(*parts: int) -> int:
@@ -107,14 +110,39 @@ def check_diverged(metrics: dict[str, Any], stage: str) -> None:
 
 
 def save_state(directory: str, state: dict[str, Any]) -> str:
-    """Training state (tensors, numbers, nested dicts) as one file, loadable with weights_only."""
+    """Training state (tensors, numbers, nested dicts) as one file, loadable with weights_only, and its
+    checksum beside it (torch's archive does not check the bytes of a tensor)."""
     os.makedirs(directory, exist_ok=True)
-    torch.save(state, os.path.join(directory, STATE_FILE))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    with open(os.path.join(directory, STATE_FILE), "wb") as f:
+        f.write(buffer.getvalue())
+    with open(os.path.join(directory, STATE_CHECKSUM), "w") as f:
+        f.write(store.xxh3(buffer.getvalue()))
     return directory
 
 
 def load_state(directory: str) -> dict[str, Any]:
-    return torch.load(os.path.join(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    """A checkpoint's state; a damaged file is an error naming it and the fix."""
+    path = os.path.join(directory, STATE_FILE)
+
+    def damaged(reason: str) -> store.ChecksumMismatch:
+        return store.ChecksumMismatch(f"checkpoint {path} {reason}: it is damaged; delete its folder to resume from "
+                                      "the checkpoint before it, or rerun with --force STAGE for a fresh start")
+
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        with open(os.path.join(directory, STATE_CHECKSUM)) as f:
+            expected = f.read().strip()
+    except FileNotFoundError:  # a checkpoint from before onestep wrote checksums: torch's own checks only
+        expected = None
+    if expected is not None and store.xxh3(data) != expected:
+        raise damaged(f"does not match its checksum ({len(data)} bytes)")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
+        raise damaged(f"cannot be read ({type(e).__name__}: {e})") from e
 
 
 def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
@@ -122,7 +150,13 @@ def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
 
 
 def read_weights(url: str) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load(store.read_bytes(url))
+    """A safetensors file (network, snapshot, variant); a damaged one is an error naming it and the fix."""
+    data = store.read_bytes(url)  # checked against its manifest's checksum, once committed
+    try:
+        return safetensors.torch.load(data)
+    except (safetensors.SafetensorError, ValueError) as e:
+        raise store.ChecksumMismatch(f"{store.redact(url)} cannot be read ({type(e).__name__}: {e}): it is damaged; "
+                                     f"{store.damage_hint(url)}") from e
 
 
 CPU_BF16 = "ONESTEP_CPU_BF16"  # =1: the GPUs' bf16 autocast on CPUs too (tests; slow on most CPUs)

@@ -31,6 +31,7 @@ from pipeline.store import Artifact
 
 VERSION = "3"  # 2: synthetic classes differ by shape only (colour random per image); 3: folders sampled by class
 UPSTREAM: tuple[str, ...] = ()
+PIECEWISE = True  # a rerun makes only the pieces not committed: `onestep run --repair` remakes damaged ones
 PREFIX = "shards/data"
 
 
@@ -91,7 +92,7 @@ def encode_shards(job: ShardJob, shards: list[int]) -> int:
         keys, labels, sources = (list(col) for col in zip(*samples)) if samples else ([], [], [])
         job.artifact.commit_piece(piece_name(shard), {
             "count": count, "keys": keys, "labels": labels, "sources": sources, "skipped": skipped,
-        })
+        }, files=[shard_name(PREFIX, shard)])
         made += 1
     return made
 

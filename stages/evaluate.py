@@ -220,8 +220,7 @@ class References:
 
 
 def _npz(artifact: Artifact, name: str) -> dict[str, np.ndarray]:
-    with artifact.open(name) as f:
-        return dict(np.load(io.BytesIO(f.read())))
+    return dict(np.load(io.BytesIO(artifact.read_bytes(name))))
 
 
 def _references(probe: Artifact | None, refstats: Artifact, networks: dict[str, Any]) -> References:

@@ -28,6 +28,7 @@ from pipeline.training import check_guide, load_guide, load_network
 
 VERSION = "1"
 UPSTREAM = ("phema",)
+PIECEWISE = True  # a rerun makes only the pieces not committed: `onestep run --repair` remakes damaged ones
 PREFIX = "shards/pairs"
 
 
@@ -75,7 +76,7 @@ def make_shard(job: PairsJob, shard: int) -> int:
     first = shard * job.cfg.pairs_per_shard
     stop = min(first + job.cfg.pairs_per_shard, job.cfg.num_pairs)
     count = write_shard(job.artifact.path(shard_name(PREFIX, shard)), _pairs(job, net, guide, first, stop))
-    job.artifact.commit_piece(piece_name(shard), {"count": count, "first": first})
+    job.artifact.commit_piece(piece_name(shard), {"count": count, "first": first}, files=[shard_name(PREFIX, shard)])
     return count
 
 

@@ -31,6 +31,7 @@ from pipeline.models import edm2_release
 
 VERSION = "1"
 UPSTREAM = ("teacher",)
+PIECEWISE = True  # a rerun makes only the pieces not committed: `onestep run --repair` remakes damaged ones
 
 
 def variant_name(sigma_rel: float) -> str:
@@ -115,7 +116,8 @@ def make_variants(job: PhemaJob, targets: list[Target]) -> list[float]:
         with job.artifact.open(variant_name(target.sigma_rel), "wb") as f:
             f.write(weights_bytes(state))
         job.artifact.commit_piece(piece_name(target.sigma_rel), {
-            "sigma_rel": target.sigma_rel, "file": variant_name(target.sigma_rel), "nimg": job.nimg})
+            "sigma_rel": target.sigma_rel, "file": variant_name(target.sigma_rel), "nimg": job.nimg},
+            files=[variant_name(target.sigma_rel)])
     return [t.sigma_rel for t in todo]
 
 
@@ -130,7 +132,7 @@ def released_variant(artifact: Artifact, cfg: PhemaConfig, teacher: Artifact, re
         with teacher.open("network.safetensors") as src, artifact.open(variant_name(sigma_rel), "wb") as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
         artifact.commit_piece(piece_name(sigma_rel), {"sigma_rel": sigma_rel, "file": variant_name(sigma_rel),
-                                                      "nimg": release["nimg"]})
+                                                      "nimg": release["nimg"]}, files=[variant_name(sigma_rel)])
     return {"variants": [artifact.read_piece(piece_name(sigma_rel))], "nimg": release["nimg"], "snapshots_used": []}
 
 

@@ -122,13 +122,11 @@ def load_probe(artifact: Artifact) -> ProbeNet:
 
 def read_split(artifact: Artifact) -> pa.Table:
     """split.parquet: index, shard, position, label, holdout of every sample the probe used."""
-    with artifact.open("split.parquet") as f:
-        return pq.read_table(io.BytesIO(f.read()))
+    return pq.read_table(io.BytesIO(artifact.read_bytes("split.parquet")))
 
 
 def _selected(encode: Artifact, num_images: int) -> pa.Table:
-    with encode.open("index.parquet") as f:
-        table = pq.read_table(io.BytesIO(f.read()), columns=["key", "shard", "label"])
+    table = pq.read_table(io.BytesIO(encode.read_bytes("index.parquet")), columns=["key", "shard", "label"])
     return table.slice(0, num_images or len(table))
 
 

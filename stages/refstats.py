@@ -81,8 +81,7 @@ def shard_limits(counts: list[int], num_images: int) -> list[int]:
 
 
 def _shard_counts(encode: Artifact, num_shards: int) -> list[int]:
-    with encode.open("index.parquet") as f:
-        shards = pq.read_table(io.BytesIO(f.read()), columns=["shard"]).column("shard").to_numpy()
+    shards = pq.read_table(io.BytesIO(encode.read_bytes("index.parquet")), columns=["shard"]).column("shard").to_numpy()
     return np.bincount(shards, minlength=num_shards).tolist()
 
 

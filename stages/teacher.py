@@ -128,7 +128,7 @@ def _write_snapshots(artifact: Artifact, ema: PowerFunctionEMA, nimg: int) -> No
         with artifact.open(name, "wb") as f:
             f.write(weights_bytes(ema.ema_state(sigma_rel)))
         files[f"{sigma_rel:.4f}"] = name
-    artifact.commit_piece(f"snapshot-{nimg:012d}", {"nimg": nimg, "files": files})
+    artifact.commit_piece(f"snapshot-{nimg:012d}", {"nimg": nimg, "files": files}, files=list(files.values()))
 
 
 def snapshot_name(sigma_rel: float, nimg: int) -> str:

@@ -18,7 +18,7 @@ TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # `import helpers`
 # Ray workers import test modules' task functions by module name: give them the same paths.
 os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(TESTS), *(str(TESTS / d) for d in ("unit", "stages", "e2e")), os.environ.get("PYTHONPATH", "")]
+    [str(TESTS), *(str(TESTS / d) for d in ("unit", "stages", "e2e", "faults")), os.environ.get("PYTHONPATH", "")]
 )
 
 BUCKET = "onestep-test"

@@ -6,6 +6,7 @@
     python workflows/bench.py pairs       # pairs/s (1 vs 2 Ray workers) against the forward-pass bound
     python workflows/bench.py distill     # one distill step against the sum of its passes, each timed alone
     python workflows/bench.py evaluate    # probe and Inception features images/s; evaluate's share of the demo
+    python workflows/bench.py integrity   # the reader's samples/s with and without checksum verification
     python workflows/bench.py gpu         # the first GPU run: gpu tests, XS/S bf16 images/s and MFU, sampler
 """
 
@@ -36,7 +37,8 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline import config as C  # noqa: E402
-from pipeline import dag, store  # noqa: E402
+from pipeline import dag, integrity, store  # noqa: E402
+from pipeline.data import shards as shards_module  # noqa: E402
 from pipeline.data.encoders import (DEFAULT_VAE, RAW_MEAN, RAW_STD, RgbEncoder, VaeEncoder,  # noqa: E402
                                     encoder_from_info, lpips_decoder)
 from pipeline.data.shards import reader, shard_name, write_shard  # noqa: E402
@@ -87,6 +89,47 @@ def _reader_rates(root: str, num_shards: int = 4, per_shard: int = 1000, batch: 
         count = sum(len(labels) for _, labels in reader(urls, batch, shuffle_buffer=shuffle, seed=1))
         rates.append(count / (time.perf_counter() - start))
     return rates[0], rates[1]
+
+
+def _reader_pass(urls: list[str], batch: int, checked: bool) -> float:
+    """Samples/s of one pass; `checked`: each shard read whole and its checksum verified before use (a process's first read)."""
+    shards_module._VERIFIED.clear()
+    if not checked:
+        shards_module._VERIFIED.update(urls)
+    start = time.perf_counter()
+    count = sum(len(labels) for _, labels in reader(urls, batch, shuffle_buffer=1000, seed=1))
+    return count / (time.perf_counter() - start)
+
+
+def bench_integrity(a: argparse.Namespace) -> None:
+    """The shards of a committed artifact (so their checksums are in its manifest), read with and without
+    verification, alternating passes; then `onestep verify`'s checker alone."""
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = store.Artifact(f"{tmp}/encode/0123456789abcdef")
+        urls = []
+        for s in range(a.shards):
+            urls.append(artifact.path(shard_name("latents", s)))
+            arrays = rng.standard_normal((a.per_shard, 4, 64, 64)).astype(np.float32)
+            write_shard(urls[-1], ({"key": f"{s * a.per_shard + i:08d}", "npy": x, "cls": i % 1000, "src": "bench"}
+                                   for i, x in enumerate(arrays)))
+        artifact.commit({"stage": "encode"})
+        _reader_pass(urls, a.batch, checked=True)  # page cache, imports
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for _ in range(a.iters):
+            for checked in (False, True):
+                rates[checked].append(_reader_pass(urls, a.batch, checked))
+        plain, checked = statistics.median(rates[False]), statistics.median(rates[True])
+        items = [(u, u.rsplit("/", 1)[1], os.path.getsize(u), None) for u in urls]
+        start = time.perf_counter()
+        integrity._check_files(items)
+        verify_rate = sum(i[2] for i in items) / (time.perf_counter() - start) / 1e6
+    table([
+        (f"reader samples/s, 64x64x4 float32, shuffled, {a.shards} shards", f"{plain:,.0f}", ""),
+        ("same, each shard checked (read whole, checksum) before use", f"{checked:,.0f}", ""),
+        ("checksum cost, share of the reader's samples/s", f"{(plain - checked) / plain:+.1%}", "<= 2%"),
+        ("`onestep verify` checker, one task, MB/s (page cache)", f"{verify_rate:,.0f}", ""),
+    ])
 
 
 def _status_time(root: str) -> float:
@@ -630,6 +673,11 @@ def main() -> None:
     gpu.add_argument("--gpu-batch", type=int, default=64, help="images per GPU pass for XS and S")
     gpu.add_argument("--peak-tflops", type=float, default=989, help="dense bf16 peak (989: H100 SXM)")
     gpu.add_argument("--sample-batch", type=int, default=256)
+    integ = sub.add_parser("integrity")
+    integ.add_argument("--shards", type=int, default=8)
+    integ.add_argument("--per-shard", type=int, default=500)
+    integ.add_argument("--batch", type=int, default=256)
+    integ.add_argument("--iters", type=int, default=5, help="passes of each kind, alternating")
     evaluate = sub.add_parser("evaluate")
     evaluate.add_argument("--threads", type=int, default=2)
     evaluate.add_argument("--iters", type=int, default=5)
@@ -649,6 +697,8 @@ def main() -> None:
         bench_evaluate(args)
     if args.what == "gpu":
         bench_gpu(args)
+    if args.what == "integrity":
+        bench_integrity(args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 import webdataset as wds
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from pipeline import store
 
@@ -77,8 +78,14 @@ def load_npy(data: bytes) -> np.ndarray:
 
 
 def decode_sample(sample: dict[str, Any], fields: tuple[str, ...] = ("npy",)) -> tuple[Any, ...]:
-    """(array of each field..., class index)."""
-    return (*(load_npy(sample[f]) for f in fields), int(sample["cls"]))
+    """(array of each field..., class index); a sample that does not decode is a damaged shard."""
+    try:
+        return (*(load_npy(sample[f]) for f in fields), int(sample["cls"]))
+    except (KeyError, ValueError, TypeError) as e:
+        url = sample.get("__url__", "")
+        raise store.ChecksumMismatch(f"sample {sample.get('__key__')!r} of shard {store.redact(url) or '?'} cannot be "
+                                     f"decoded ({type(e).__name__}: {e}): the shard is damaged; "
+                                     f"{store.damage_hint(url)}") from e
 
 
 def _collate(batch: list[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
@@ -86,10 +93,47 @@ def _collate(batch: list[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
     return (*(torch.from_numpy(np.stack(a)) for a in arrays), torch.tensor(labels, dtype=torch.int64))
 
 
+_VERIFIED: set[str] = set()  # shards whose checksum this process has checked
+
+
+def _opened(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Each shard opened. The first time this process reads a shard of a committed artifact, it is read
+    whole and checked against the checksum its manifest records before any sample of it is used."""
+    for source in sources:
+        url = source["url"]
+        try:
+            f = store.open_url(url)
+        except FileNotFoundError:
+            raise store.ChecksumMismatch(f"shard {store.redact(url)} is missing; {store.damage_hint(url)}") from None
+        with f:
+            if url not in _VERIFIED and store.recorded_checksum(url) is not None:
+                data = f.read()
+                store.check_checksum(url, store.xxh3(data))
+                _VERIFIED.add(url)
+                yield dict(source, stream=io.BytesIO(data))
+            else:
+                yield dict(source, stream=f)
+
+
+def _damaged(exn: Exception) -> bool:
+    """WebDataset's handler: an unreadable shard is an error that names it and the fix."""
+    if isinstance(exn, store.ChecksumMismatch):
+        raise store.ChecksumMismatch(exn.args[0]) from None
+    url = next((a for a in reversed(exn.args) if isinstance(a, str) and "/" in a), "")
+    message = exn.args[0] if exn.args else ""
+    raise store.ChecksumMismatch(f"shard {store.redact(url) or '?'} cannot be read ({type(exn).__name__}: {message}): "
+                                 f"it is damaged; {store.damage_hint(url)}") from exn
+
+
+def _tar_samples(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """WebDataset's tarfile_to_samples, through `_opened` (checksums) and `_damaged` (clear errors)."""
+    files = tar_file_expander(_opened(sources), handler=_damaged)
+    return group_by_keys(files, handler=_damaged)
+
+
 def iterate_samples(url: str) -> Iterator[dict[str, Any]]:
     """The raw samples of one shard, in order: {'__key__', 'npy' | 'noise.npy' ..., 'cls', ...}."""
-    store.register_webdataset_schemes()
-    return iter(wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples()))
+    return iter(wds.DataPipeline(wds.SimpleShardList([url]), _tar_samples))
 
 
 def read_samples(url: str, wanted: set[int] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -137,7 +181,6 @@ def reader(
     sample once. Resampled mode: every rank draws shards at random forever (seeded by seed and
     rank); `num_batches` then gives all ranks the same number of batches, as DDP needs.
     """
-    store.register_webdataset_schemes()
     if not urls:
         raise ValueError("no shards to read: the encode artifact lists no shards")
     if resampled:
@@ -146,7 +189,7 @@ def reader(
     else:
         shards = [wds.SimpleShardList(urls), partial(_split_rank, rank=rank, world_size=world_size),
                   wds.split_by_worker]
-    stages = [*shards, wds.tarfile_to_samples()]
+    stages = [*shards, _tar_samples]
     if shuffle_buffer > 0:
         stages.append(wds.shuffle(shuffle_buffer, initial=shuffle_buffer,
                                   rng=random.Random(seed * 7919 + rank)))

@@ -23,6 +23,7 @@ class FakeConfig:
     executor: str = "inline"
     max_in_flight: int = 4
     shared_storage: bool = False
+    lease_timeout_s: float = 60.0
     a: Section = field(default_factory=Section)
     b: Section = field(default_factory=Section)
     c: Section = field(default_factory=Section)

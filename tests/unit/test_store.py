@@ -2,6 +2,7 @@ import json
 import uuid
 
 import pytest
+import xxhash
 
 from pipeline import store
 
@@ -11,14 +12,17 @@ def _lifecycle(root: str) -> None:
     assert art.state() == "missing" and art.manifest() is None
     with art.open("shards/data-000000.tar", "wb") as f:
         f.write(b"x" * 100)
-    art.commit_piece("shard-000000", {"count": 3})
+    art.commit_piece("shard-000000", {"count": 3}, files=["shards/data-000000.tar"])
     assert art.state() == "partial" and art.piece_done("shard-000000") and not art.piece_done("shard-000001")
     assert art.read_piece("shard-000000") == {"count": 3}
+    digest = xxhash.xxh3_64(b"x" * 100).hexdigest()
+    assert art.read_json("_pieces/shard-000000.json")["checksums"] == {"shards/data-000000.tar": digest}
     manifest = art.commit({"stage": "encode", "metrics": {"a": 1}})
     assert art.state() == "done"
     assert manifest["files"]["shards/data-000000.tar"] == 100
+    assert manifest["checksums"]["shards/data-000000.tar"] == digest and set(manifest["checksums"]) == set(manifest["files"])
     assert "manifest.json" not in manifest["files"]
-    assert manifest["size_bytes"] == 100 + len(json.dumps({"count": 3}, indent=2, sort_keys=True))
+    assert manifest["size_bytes"] == 100 + manifest["files"]["_pieces/shard-000000.json"]
     assert set(manifest["versions"]) >= {"onestep", "torch", "ray", "python"}
     assert art.manifest() == manifest
     art.delete()
