@@ -256,9 +256,10 @@ class RayExecutor:
                     [ready], _ = ray.wait(list(pending), num_returns=1)
                     results[pending.pop(ready)] = ray.get(ready)
                     bar.update(1)
-            except BaseException:
+            except BaseException as e:
                 for ref in pending:
                     ray.cancel(ref)
+                _raise_ours(e)
                 raise
 
     def check_ddp(self, job: DDPJob) -> None:
@@ -345,7 +346,36 @@ def _ray_ddp(train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJo
             checkpoint_config=CheckpointConfig(num_to_keep=2),
         ),
     )
-    return dict(trainer.fit().metrics or {})
+    try:
+        return dict(trainer.fit().metrics or {})
+    except Exception as e:
+        _raise_ours(e)
+        raise
+
+
+def _ours(e: BaseException) -> ValueError | None:
+    """The first of onestep's errors (a ValueError: bad input, a damaged file, a diverged run) in the
+    chain of an error that Ray wrapped: a task's RayTaskError (`.cause`), Ray Train's WorkerGroupError
+    (`.worker_failures`), their causes."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ValueError) and (type(seen) is ValueError or
+                                             type(seen).__module__.startswith(("pipeline", "stages"))):
+            return seen
+        for worker in [f for _, f in sorted(getattr(seen, "worker_failures", {}).items())]:
+            if (found := _ours(worker)) is not None:
+                return found
+        cause = getattr(seen, "cause", None)
+        seen = cause if isinstance(cause, BaseException) else (seen.__cause__ or seen.__context__)
+    return None
+
+
+def _raise_ours(e: BaseException) -> None:
+    """Raise onestep's error inside `e` with its one-line message instead of Ray's remote traceback;
+    return when there is none (or it is `e` itself)."""
+    found = _ours(e)
+    if found is not None and found is not e:
+        raise type(found)(*found.args) from None
 
 
 def make_executor(name: str, max_in_flight: int = 64) -> Executor:

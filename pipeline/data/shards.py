@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import io
 import random
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator
 from functools import partial
 from itertools import islice
@@ -96,23 +97,48 @@ def _collate(batch: list[tuple[Any, ...]]) -> tuple[torch.Tensor, ...]:
 _VERIFIED: set[str] = set()  # shards whose checksum this process has checked
 
 
+def _missing(url: str) -> store.ChecksumMismatch:
+    return store.ChecksumMismatch(f"shard {store.redact(url)} is missing; {store.damage_hint(url)}")
+
+
+def _checked_bytes(url: str) -> bytes:
+    """A shard of a committed artifact, whole, checked against the checksum its manifest records."""
+    try:
+        data = store.read_bytes(url)  # raises ChecksumMismatch naming the file and the fix
+    except FileNotFoundError:
+        raise _missing(url) from None
+    _VERIFIED.add(url)
+    return data
+
+
+def _stream(source: dict[str, Any], fetched: Future | None) -> Iterator[dict[str, Any]]:
+    url = source["url"]
+    if fetched is not None:
+        yield dict(source, stream=io.BytesIO(fetched.result()))
+        return
+    try:
+        f = store.open_url(url)
+    except FileNotFoundError:
+        raise _missing(url) from None
+    with f:
+        yield dict(source, stream=f)
+
+
 def _opened(sources: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
     """Each shard opened. The first time this process reads a shard of a committed artifact, it is read
-    whole and checked against the checksum its manifest records before any sample of it is used."""
-    for source in sources:
-        url = source["url"]
-        try:
-            f = store.open_url(url)
-        except FileNotFoundError:
-            raise store.ChecksumMismatch(f"shard {store.redact(url)} is missing; {store.damage_hint(url)}") from None
-        with f:
-            if url not in _VERIFIED and store.recorded_checksum(url) is not None:
-                data = f.read()
-                store.check_checksum(url, store.xxh3(data))
-                _VERIFIED.add(url)
-                yield dict(source, stream=io.BytesIO(data))
-            else:
-                yield dict(source, stream=f)
+    whole and checked against its manifest's checksum before any sample of it is used; a thread does
+    that for the next shard while this one's samples are parsed (the hash and the read release the GIL)."""
+    with ThreadPoolExecutor(1, thread_name_prefix="shard-check") as pool:
+        pending = None
+        for source in sources:
+            url = source["url"]
+            check = url not in _VERIFIED and store.recorded_checksum(url) is not None
+            current = (source, pool.submit(_checked_bytes, url) if check else None)
+            if pending is not None:
+                yield from _stream(*pending)
+            pending = current
+        if pending is not None:
+            yield from _stream(*pending)
 
 
 def _damaged(exn: Exception) -> bool:
