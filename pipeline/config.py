@@ -228,7 +228,7 @@ class PairsConfig:
     """DMD's regression pairs: (noise, teacher output) from the multi-step sampler."""
 
     sigma_rel: float = 0.1  # the phema variant used as the teacher (one of phema.sigma_rels)
-    num_pairs: int = 25000  # DMD used 25,000 for ImageNet-64
+    num_pairs: int = 25000  # DMD used 25,000 for ImageNet-64; 0 for distill.method=dmd2, which uses none
     num_steps: int = 256  # Heun steps (DMD used 256)
     guidance: float = 1.0  # w != 1 needs `guide`
     # The guiding network (e.g. an unconditional teacher): a folder with network.json + network.safetensors,
@@ -242,8 +242,9 @@ class PairsConfig:
     spread: bool = throughput(False)  # spread the tasks over the nodes (Ray SPREAD strategy)
 
     def __post_init__(self) -> None:
-        _check_positive("pairs", num_pairs=self.num_pairs, num_steps=self.num_steps,
-                        pairs_per_shard=self.pairs_per_shard, batch=self.batch)
+        _check_positive("pairs", num_steps=self.num_steps, pairs_per_shard=self.pairs_per_shard, batch=self.batch)
+        if self.num_pairs < 0:
+            raise ValueError(f"pairs.num_pairs = {self.num_pairs}: must be >= 0 (0: no pairs, for distill.method=dmd2)")
         if self.guidance != 1.0 and not self.guide:
             raise ValueError(f"pairs.guidance = {self.guidance} needs pairs.guide (a folder with the guiding "
                              "network's network.json + network.safetensors), or set pairs.guidance=1")
@@ -259,8 +260,13 @@ class DistillConfig:
     grad_clip: float = 10.0
     batch: int = 336  # generator images per step for the distribution-matching loss (global)
     reg_batch: int = 336  # regression pairs per step (global), a separate batch as in DMD
+    # dmd: DM + lambda_reg x LPIPS regression on the pairs | dmd2: DM + a GAN head on the fake score,
+    # trained on real images (the encode shards), no pairs (set pairs.num_pairs=0 and lambda_reg=0)
+    method: str = "dmd"
     lambda_reg: float = 0.25  # 0 drops the regression loss (DMD2)
     fake_updates_per_gen: int = 1  # 1 = DMD; 5 = DMD2's two time-scale rule
+    gan_g_weight: float = 3e-3  # dmd2: weight of G's GAN loss (DMD2, ImageNet)
+    gan_d_weight: float = 1e-2  # dmd2: weight of the head's GAN loss beside the fake score's denoising loss
     lpips_net: str = "vgg"  # vgg (DMD) | alex | squeeze
     lpips_pretrained: bool = True  # False: random backbone (offline demo/ci; not a perceptual metric)
     lpips_weights: str = ""  # path/URL of torchvision's backbone file (offline clusters); "" = torch hub
@@ -279,6 +285,10 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _check_choice("distill", "lpips_net", self.lpips_net, ("vgg", "alex", "squeeze"))
+        _check_choice("distill", "method", self.method, ("dmd", "dmd2"))
+        if self.method == "dmd2" and self.lambda_reg:
+            raise ValueError(f"distill.method=dmd2 has no regression loss, but distill.lambda_reg = {self.lambda_reg}: "
+                             "set distill.lambda_reg=0 (and pairs.num_pairs=0)")
         if self.lpips_weights and not self.lpips_pretrained:
             raise ValueError("distill.lpips_weights is set but distill.lpips_pretrained = false asks for a "
                              "random backbone: drop one of them")
@@ -358,6 +368,13 @@ class Config:
 
     def __post_init__(self) -> None:
         _check_choice("config", "executor", self.executor, ("ray", "inline"))
+        if self.distill.method == "dmd2" and self.pairs.num_pairs:
+            raise ValueError(f"distill.method=dmd2 uses no regression pairs: set pairs.num_pairs=0 (now "
+                             f"{self.pairs.num_pairs}) so that the pairs stage makes none")
+        if self.distill.method == "dmd" and self.distill.lambda_reg and not self.pairs.num_pairs:
+            raise ValueError("distill.method=dmd regresses onto pairs (distill.lambda_reg = "
+                             f"{self.distill.lambda_reg}) but pairs.num_pairs = 0: set pairs.num_pairs, "
+                             "or distill.lambda_reg=0")
         _check_positive("config", max_in_flight=self.max_in_flight, lease_timeout_s=self.lease_timeout_s)
 
 

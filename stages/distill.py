@@ -7,7 +7,10 @@ made the pairs; the real score is that teacher, frozen; the fake score is a trai
 trained on G's detached outputs with the teacher's own loss. Each generator step combines
 the distribution-matching loss on a fresh batch with `lambda_reg` x LPIPS regression on a
 separate batch of pairs (papers.md, DMD). `fake_updates_per_gen` > 1 is DMD2's two
-time-scale rule. Checkpoints, resume and failures work as in the teacher stage.
+time-scale rule. `method: dmd2` replaces the regression by DMD2's GAN term: a discriminator head on
+the fake score's bottleneck features (pipeline/diffusion/gan.py), trained with the fake score on
+real images (the encode shards) and G's, noised at the same sigma; G adds `gan_g_weight` x its
+non-saturating GAN loss. Checkpoints, resume and failures work as in the teacher stage.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ from pipeline.data.encoders import encoder_from_info, lpips_decoder
 from pipeline.data.shards import reader
 from pipeline.diffusion.dmd import (OneStepGenerator, distribution_matching_loss, fake_score_loss, load_lpips,
                                     lpips_regression_loss, sample_dm_sigma)
-from pipeline.diffusion.loss import sample_sigma
+from pipeline.diffusion.gan import (DiscriminatorHead, ScoreWithHead, bottleneck_channels, discriminator_loss,
+                                    generator_loss)
+from pipeline.diffusion.loss import edm2_error, sample_sigma
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
@@ -35,7 +40,7 @@ from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_dive
                                load_network, load_state, mix_seed, mixed_precision, save_network, save_state,
                                train_guarded, zero_nonfinite_grads_)
 
-VERSION = "3"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G
+VERSION = "4"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G; 4: dmd2
 UPSTREAM = ("encode", "teacher", "phema", "pairs")
 
 
@@ -48,7 +53,8 @@ class DistillArgs:
     phema: Artifact
     weights: str  # the teacher variant's file in the phema artifact
     guide: str  # URL of the guiding network, folder or EDM2 .pkl ("" = none)
-    pair_urls: list[str]
+    pair_urls: list[str]  # dmd: the regression pairs
+    real_urls: list[str]  # dmd2: the encode shards, real images for the GAN head
     encoder: dict[str, Any]
     artifact: Artifact
     seed: int
@@ -57,7 +63,7 @@ class DistillArgs:
 @dataclass
 class Nets:
     generator: OneStepGenerator
-    fake: Denoiser
+    fake: Denoiser | ScoreWithHead  # dmd2: the fake score with its discriminator head
     real: Denoiser
     guide: Denoiser | None
     opt_g: torch.optim.Optimizer
@@ -73,6 +79,9 @@ def build_nets(args: DistillArgs, device: torch.device) -> Nets:
     generator = OneStepGenerator.from_teacher(real).to(device).train()
     generator.net.u_linear.requires_grad_(False)  # G never uses the uncertainty branch
     fake = copy.deepcopy(real).requires_grad_(True).train()
+    if args.cfg.method == "dmd2":
+        torch.manual_seed(args.seed)  # the head's initial weights
+        fake = ScoreWithHead(fake, DiscriminatorHead(bottleneck_channels(real))).to(device).train()
     guide = load_guide(args.guide).to(device) if args.guide else None
     g_params = [p for p in generator.parameters() if p.requires_grad]
     return Nets(generator, fake, real, guide, _adamw(g_params, args.cfg.lr, args.cfg),
@@ -96,11 +105,20 @@ def _latents(batch: int, net: Denoiser, device: torch.device) -> tuple[torch.Ten
     return z, labels
 
 
+def _real_batch(reals: Iterator, encoder: Any, nets: Nets, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    stored, labels = next(reals)
+    return encoder.to_model(stored.to(device)).float(), labels.to(device) if nets.real.num_classes else None
+
+
 def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batch: int, device: torch.device,
-                x: torch.Tensor | None = None, labels: torch.Tensor | None = None) -> tuple[float, bool]:
+                x: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                real: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> dict[str, float]:
     """One fake-score step with the teacher's denoising loss on G's outputs `x` (labels), detached;
-    without x, on a fresh batch of G (DMD2's extra fake-score updates)."""
+    without x, on a fresh batch of G (DMD2's extra fake-score updates). With `real` (dmd2: images and
+    labels of the same batch size), the discriminator head learns too, from one forward of the fake
+    score over G's images and the real ones, noised at the same sigma: its loss x gan_d_weight is added."""
     loss_cfg = args.teacher_loss
+    edm2_kwargs = {k: loss_cfg[k] for k in ("weighting", "min_snr_gamma", "use_uncertainty")}
     with mixed_precision(device):
         if x is None:
             z, labels = _latents(batch, nets.real, device)
@@ -108,16 +126,52 @@ def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batc
                 x = nets.generator(z, labels)
         x = x.detach().float()
         sigma = sample_sigma(batch, loss_cfg["P_mean"], loss_cfg["P_std"], None, device)
-        out = fake_score_loss(fake_model, x, labels, sigma, torch.randn_like(x), weighting=loss_cfg["weighting"],
-                              min_snr_gamma=loss_cfg["min_snr_gamma"], use_uncertainty=loss_cfg["use_uncertainty"])
-    _, finite = _step(nets.opt_f, out.loss, list(nets.fake.parameters()), args.cfg.grad_clip)
-    return out.loss.item(), finite
+        if real is None:
+            loss = fake_score_loss(fake_model, x, labels, sigma, torch.randn_like(x), **edm2_kwargs).loss
+            info = {}
+        else:
+            x_real, real_labels = real
+            s = sigma.reshape(-1, 1, 1, 1)
+            noised = torch.cat([x + s * torch.randn_like(x), x_real + s * torch.randn_like(x_real)])
+            both = None if labels is None else torch.cat([labels, real_labels])
+            denoised, u, logits = fake_model(noised, torch.cat([sigma, sigma]), both, return_u=True, return_logits=True)
+            loss = edm2_error(denoised[:batch], u[:batch], x, sigma, **edm2_kwargs).loss
+            loss_d = discriminator_loss(logits[batch:], logits[:batch])
+            info = {"loss_d": loss_d.item(), "d_acc_real": (logits[batch:] > 0).float().mean().item(),
+                    "d_acc_fake": (logits[:batch] < 0).float().mean().item()}
+            loss = loss + args.cfg.gan_d_weight * loss_d
+    _, finite = _step(nets.opt_f, loss, list(nets.fake.parameters()), args.cfg.grad_clip)
+    return {"loss_fake": loss.item(), "finite": float(finite), **info}
+
+
+def _fake_rows(updates: list[dict[str, float]]) -> dict[str, float]:
+    """The means of the fake-side updates' numbers; `finite` becomes whether all were."""
+    means = {k: sum(u[k] for u in updates) / len(updates) for k in updates[0] if k != "finite"}
+    return {**means, "finite": float(all(u["finite"] for u in updates))}
+
+
+def _dm_loss(nets: Nets, x: torch.Tensor, labels: torch.Tensor | None, args: DistillArgs, batch: int,
+             device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    sigma = sample_dm_sigma(batch, None, device)
+    return distribution_matching_loss(x, labels, nets.real, nets.fake, sigma, torch.randn_like(x),
+                                      guidance=args.cfg.guidance, guide=nets.guide)
+
+
+def _g_step(nets: Nets, loss: torch.Tensor, args: DistillArgs) -> tuple[float, bool]:
+    return _step(nets.opt_g, loss, [p for p in nets.generator.parameters() if p.requires_grad], args.cfg.grad_clip)
+
+
+def _row_of(terms: dict[str, torch.Tensor], loss: torch.Tensor, info: dict[str, torch.Tensor], norm: float,
+            finite: bool, fake: dict[str, float]) -> dict[str, float]:
+    return {**{k: v.item() for k, v in terms.items()}, "loss_g": loss.item(), "grad_norm": norm,
+            "dm_normalizer": float(info["normalizer"].mean()), **{k: v for k, v in fake.items() if k != "finite"},
+            "nonfinite_steps": float(not (finite and fake["finite"]))}
 
 
 def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Module, pairs: Iterator,
                to_pixels: Callable[[torch.Tensor], torch.Tensor], lpips: Any, args: DistillArgs, batch: int,
                device: torch.device) -> dict[str, float]:
-    """One iteration. DMD2's two time-scale rule first makes fake_updates_per_gen - 1 fake-score updates
+    """One DMD iteration. DMD2's two time-scale rule first makes fake_updates_per_gen - 1 fake-score updates
     on fresh batches of G. Then G makes the DM batch (fresh z) and the pair batch in one forward; the
     fake score learns from that DM batch, detached; G steps on L_DM, with the updated fake score, plus
     lambda_reg LPIPS(G(pair noise), pair target). (G's no-grad forwards come first: a training-mode
@@ -127,7 +181,7 @@ def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Modu
     student 6.95x the best teacher's FD against 1.48x for this one. The price: the fake score's
     training graph and G's coexist, so peak memory is about one fake-score step higher."""
     cfg = args.cfg
-    fake_losses = [fake_update(nets, fake_model, args, batch, device) for _ in range(cfg.fake_updates_per_gen - 1)]
+    fakes = [fake_update(nets, fake_model, args, batch, device) for _ in range(cfg.fake_updates_per_gen - 1)]
     z, labels = _latents(batch, nets.real, device)
     pz, py, plabels = (t.to(device) for t in next(pairs))
     plabels = plabels if nets.real.num_classes else None
@@ -135,19 +189,52 @@ def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Modu
     with mixed_precision(device):
         x_all = gen_model(torch.cat([z, pz.float()]), all_labels).float()  # one DDP forward for both losses
     x, x_pairs = x_all[:batch], x_all[batch:]
-    fake_losses.append(fake_update(nets, fake_model, args, batch, device, x, labels))
+    fakes.append(fake_update(nets, fake_model, args, batch, device, x, labels))
     with mixed_precision(device):
-        sigma = sample_dm_sigma(batch, None, device)
-        loss_dm, info = distribution_matching_loss(x, labels, nets.real, nets.fake, sigma, torch.randn_like(x),
-                                                   guidance=cfg.guidance, guide=nets.guide)
+        loss_dm, info = _dm_loss(nets, x, labels, args, batch, device)
         loss_reg = lpips_regression_loss(lpips, to_pixels(x_pairs), to_pixels(py.float()), cfg.lpips_size)
     loss = loss_dm + cfg.lambda_reg * loss_reg
-    params = [p for p in nets.generator.parameters() if p.requires_grad]
-    norm, finite = _step(nets.opt_g, loss, params, cfg.grad_clip)
-    return {"loss_dm": loss_dm.item(), "loss_reg": loss_reg.item(), "loss_g": loss.item(), "grad_norm": norm,
-            "dm_normalizer": float(info["normalizer"].mean()),
-            "loss_fake": sum(f for f, _ in fake_losses) / len(fake_losses),
-            "nonfinite_steps": float(not (finite and all(ok for _, ok in fake_losses)))}
+    norm, finite = _g_step(nets, loss, args)
+    return _row_of({"loss_dm": loss_dm, "loss_reg": loss_reg}, loss, info, norm, finite, _fake_rows(fakes))
+
+
+def generator_update_dmd2(nets: Nets, gen_model: torch.nn.Module, args: DistillArgs, batch: int,
+                          device: torch.device, x: torch.Tensor, labels: torch.Tensor | None,
+                          fake: dict[str, float]) -> dict[str, float]:
+    """G's DMD2 step on its batch x = G(z): L_DM + gan_g_weight x softplus(-D(x noised)), D the head on the
+    fake score's features at a sigma from the teacher's training distribution. The fake score and the
+    head are frozen for it: the gradient reaches G's weights only."""
+    cfg, loss_cfg = args.cfg, args.teacher_loss
+    with mixed_precision(device):
+        loss_dm, info = _dm_loss(nets, x, labels, args, batch, device)
+        sigma = sample_sigma(batch, loss_cfg["P_mean"], loss_cfg["P_std"], None, device)
+        frozen = [p for p in nets.fake.parameters() if p.requires_grad]
+        for p in frozen:  # the graph records them as constants: G's backward leaves their gradients alone
+            p.requires_grad_(False)
+        try:
+            _, logits = nets.fake(x + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x), sigma, labels,
+                                  return_logits=True)
+        finally:
+            for p in frozen:
+                p.requires_grad_(True)
+        loss_gan = generator_loss(logits)
+    loss = loss_dm + cfg.gan_g_weight * loss_gan
+    norm, finite = _g_step(nets, loss, args)
+    return _row_of({"loss_dm": loss_dm, "loss_gan_g": loss_gan}, loss, info, norm, finite, fake)
+
+
+def train_step_dmd2(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Module, reals: Iterator,
+                    encoder: Any, args: DistillArgs, batch: int, device: torch.device) -> dict[str, float]:
+    """One DMD2 iteration: fake_updates_per_gen fake-score + head updates (each with a batch of real
+    images; the last on the batch G then steps on), then G's step (`generator_update_dmd2`)."""
+    fakes = [fake_update(nets, fake_model, args, batch, device, real=_real_batch(reals, encoder, nets, device))
+             for _ in range(args.cfg.fake_updates_per_gen - 1)]
+    z, labels = _latents(batch, nets.real, device)
+    with mixed_precision(device):
+        x = gen_model(z, labels).float()
+    fakes.append(fake_update(nets, fake_model, args, batch, device, x, labels,
+                             real=_real_batch(reals, encoder, nets, device)))
+    return generator_update_dmd2(nets, gen_model, args, batch, device, x, labels, _fake_rows(fakes))
 
 
 def _restore(nets: Nets, path: str) -> int:
@@ -168,22 +255,34 @@ def _checkpoint(session: TrainSession, nets: Nets, nimg: int) -> None:
         session.report({"nimg": nimg}, path)
 
 
-def _train_chunk(session: TrainSession, args: DistillArgs, nets: Nets, gen_model: torch.nn.Module,
-                 fake_model: torch.nn.Module, to_pixels: Callable[[torch.Tensor], torch.Tensor], lpips: Any,
-                 log: MetricsLog, guard: DivergenceGuard, nimg: int) -> int:
-    """Generator steps from `nimg` to the next checkpoint (or the end), checkpoint; returns the images seen."""
+def _steps(session: TrainSession, args: DistillArgs, nets: Nets, gen_model: torch.nn.Module,
+           fake_model: torch.nn.Module, kit: dict[str, Any], nimg: int, steps: int) -> Callable[[], dict[str, float]]:
+    """One training iteration of the method, its data stream seeded from (seed, rank, nimg): DMD's
+    regression pairs, or DMD2's real images (one batch per fake-side update)."""
     cfg, device, rank, world = args.cfg, session.device, session.rank, session.world_size
-    batch, reg_batch = cfg.batch // world, cfg.reg_batch // world
+    batch, seed = cfg.batch // world, mix_seed(args.seed, rank, nimg)
+    if cfg.method == "dmd2":
+        reals = iter(reader(args.real_urls, batch, rank=rank, world_size=world, seed=seed, shuffle_buffer=1000,
+                            resampled=True, num_batches=steps * cfg.fake_updates_per_gen))
+        return partial(train_step_dmd2, nets, gen_model, fake_model, reals, kit["encoder"], args, batch, device)
+    pairs = iter(reader(args.pair_urls, cfg.reg_batch // world, rank=rank, world_size=world, seed=seed,
+                        shuffle_buffer=1000, resampled=True, num_batches=steps, fields=("noise.npy", "target.npy")))
+    return partial(train_step, nets, gen_model, fake_model, pairs, kit["to_pixels"], kit["lpips"], args, batch, device)
+
+
+def _train_chunk(session: TrainSession, args: DistillArgs, nets: Nets, gen_model: torch.nn.Module,
+                 fake_model: torch.nn.Module, kit: dict[str, Any], log: MetricsLog, guard: DivergenceGuard,
+                 nimg: int) -> int:
+    """Generator steps from `nimg` to the next checkpoint (or the end), checkpoint; returns the images seen."""
+    cfg, rank = args.cfg, session.rank
     chunk_start = nimg
     chunk_end = min((nimg // cfg.checkpoint_nimg + 1) * cfg.checkpoint_nimg, cfg.duration_nimg)
     steps = (chunk_end - nimg) // cfg.batch
-    pairs = iter(reader(args.pair_urls, reg_batch, rank=rank, world_size=world, seed=mix_seed(args.seed, rank, nimg),
-                        shuffle_buffer=1000, resampled=True, num_batches=steps,
-                        fields=("noise.npy", "target.npy")))
+    step = _steps(session, args, nets, gen_model, fake_model, kit, nimg, steps)
     tick, sums = time.perf_counter(), []
     for _ in range(steps):
         torch.manual_seed(mix_seed(args.seed, rank, nimg))
-        sums.append(train_step(nets, gen_model, fake_model, pairs, to_pixels, lpips, args, batch, device))
+        sums.append(step())
         if not guard.reference:  # this process's first step: the scale the guard holds losses to
             first = _row(session, sums[-1:], nimg, 0, 1.0)
             guard.start(loss_g=first["loss_g"], loss_fake=first["loss_fake"])
@@ -208,12 +307,15 @@ def train_loop(session: TrainSession, args: DistillArgs) -> None:
     nets = build_nets(args, device)
     nimg = session.restore(partial(_restore, nets)) or 0
     gen_model, fake_model = session.wrap(nets.generator), session.wrap(nets.fake)
-    to_pixels = lpips_decoder(encoder_from_info(args.encoder, str(device)), cfg.lpips_decoder, str(device))
-    lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights).to(device)
+    encoder = encoder_from_info(args.encoder, str(device))
+    kit: dict[str, Any] = {"encoder": encoder}
+    if cfg.method == "dmd":  # the regression's LPIPS (dmd2 has none)
+        kit["to_pixels"] = lpips_decoder(encoder, cfg.lpips_decoder, str(device))
+        kit["lpips"] = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights).to(device)
     log = MetricsLog("distill", cfg.duration_nimg, session.rank)
     guard = DivergenceGuard("distill", cfg.divergence_ratio, cfg.divergence_patience,
                             f"Lower distill.lr and distill.fake_lr (now {cfg.lr:g}, {cfg.fake_lr:g}).")
-    chunk = partial(_train_chunk, session, args, nets, gen_model, fake_model, to_pixels, lpips, log, guard)
+    chunk = partial(_train_chunk, session, args, nets, gen_model, fake_model, kit, log, guard)
     if train_guarded(session, nimg, cfg.duration_nimg, chunk) and session.rank == 0:
         save_network(args.artifact, "student", nets.generator.denoiser)
 
@@ -234,12 +336,14 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
     if cfg.guidance != 1.0 and not pairs["config"]["guide"]:
         raise ValueError(f"distill.guidance = {cfg.guidance} needs a guiding network: set pairs.guide "
                          "(the real score and the pairs use the same guided teacher)")
+    encode = inputs["encode"].manifest()["outputs"]
     args = DistillArgs(cfg, {k: teacher_cfg[k] for k in loss_keys}, inputs["phema"],
                        pairs["outputs"]["teacher"]["file"], pairs["config"]["guide"],
                        [inputs["pairs"].path(s) for s in pairs["outputs"]["shards"]],
-                       inputs["encode"].manifest()["outputs"]["encoder"], ctx.artifact, ctx.seed)
-    load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights)  # a backbone that cannot be had fails here
-    lpips_decoder(encoder_from_info(args.encoder), cfg.lpips_decoder)  # and so does a decoder
+                       [inputs["encode"].path(s) for s in encode["shards"]], encode["encoder"], ctx.artifact, ctx.seed)
+    if cfg.method == "dmd":
+        load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights)  # a backbone that cannot be had fails here
+        lpips_decoder(encoder_from_info(args.encoder), cfg.lpips_decoder)  # and so does a decoder
     job = DDPJob("distill", ctx.artifact.path("checkpoints"), cfg.num_workers, cfg.use_gpu, cfg.max_failures)
     start = time.perf_counter()
     metrics = ctx.ddp(train_loop, args, job)

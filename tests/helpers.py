@@ -8,12 +8,13 @@ import pickle
 import sys
 import tarfile
 import types
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pipeline.executor import InlineExecutor, Resources
+from pipeline.executor import InlineExecutor, RayExecutor, Resources
 
 # A ci-preset run small enough for the pairs stage's tests: a 16-channel teacher trained on
 # 32 images, two phema variants, 12 pairs of 4 Heun steps from seeds 100..111.
@@ -24,6 +25,39 @@ PAIRS_TINY = [
     "phema.sigma_rels=[0.05,0.1]", "pairs.sigma_rel=0.1", "pairs.num_pairs=12", "pairs.num_steps=4",
     "pairs.batch=5", "pairs.seed=100",
 ]
+
+# The distill stage's tests: PAIRS_TINY's teacher, 16 pairs, 8-image generator batches; DMD2 switches
+# to the GAN on real images, without pairs.
+DISTILL_TINY = [
+    *PAIRS_TINY[:11], "pairs.num_pairs=16", "pairs.num_steps=4", "pairs.pairs_per_shard=16", "distill.batch=8",
+    "distill.reg_batch=8", "distill.checkpoint_nimg=64", "distill.log_nimg=16", "distill.lpips_size=32",
+]
+DMD2 = ["distill.method=dmd2", "distill.lambda_reg=0", "pairs.num_pairs=0", "distill.fake_updates_per_gen=2"]
+
+
+def on_node(fn, delay_s, item):
+    """A Ray task's work, after `delay_s`, with the node it ran on."""
+    import time
+
+    import ray
+
+    time.sleep(delay_s)
+    return ray.get_runtime_context().get_node_id(), fn(item)
+
+
+class NodeRecordingExecutor(RayExecutor):
+    """A RayExecutor that records the node each task finished on; `delay_s` before each task's work
+    (so that a node removed meanwhile finds its tasks running)."""
+
+    def __init__(self, delay_s: float = 0.0) -> None:
+        super().__init__()
+        self.delay_s, self.nodes = delay_s, []
+
+    def map(self, fn, items, resources, desc=""):
+        results = super().map(partial(on_node, fn, self.delay_s), items, resources, desc)
+        self.nodes += [node for node, _ in results]
+        return [result for _, result in results]
+
 
 # (extension, PIL format, mode) cycled over the files of a class folder.
 _FORMATS = (

@@ -65,11 +65,17 @@ def edm2_loss(
     """
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown loss weighting {weighting!r}; choose one of {list(WEIGHTINGS)}")
+    denoised, u = net(y + sigma.reshape(-1, 1, 1, 1) * noise, sigma, labels, return_u=True)
+    return edm2_error(denoised, u, y, sigma, weighting, min_snr_gamma, use_uncertainty, sigma_data)
+
+
+def edm2_error(denoised: torch.Tensor, u: torch.Tensor, y: torch.Tensor, sigma: torch.Tensor, weighting: str = "edm2",
+               min_snr_gamma: float = 5.0, use_uncertainty: bool = True, sigma_data: float = 0.5) -> LossOutput:
+    """`edm2_loss` from the network's outputs: denoised D(y + sigma eps) [B, C, H, W] and u [B]."""
     s = sigma.reshape(-1, 1, 1, 1)
     weight = edm_lambda(s, sigma_data)
     if weighting == "min_snr":
         weight = weight * min_snr_weight(s, min_snr_gamma, sigma_data)
-    denoised, u = net(y + s * noise, sigma, labels, return_u=True)
     err = weight * (denoised.float() - y) ** 2  # [B, C, H, W]
     u = u.float().reshape(-1, 1, 1, 1) if use_uncertainty else torch.zeros_like(s)
     loss = (err / u.exp() + u).sum() / y.shape[0]

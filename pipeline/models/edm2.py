@@ -242,19 +242,23 @@ class UNet(nn.Module):
         return mp_silu(emb)
 
     def forward(
-        self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None, return_features: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """F(x); with return_features also the bottleneck, the encoder's output at its lowest
+        resolution [B, C, H / 2^(levels-1), W / 2^(levels-1)] (DMD2's discriminator reads it)."""
         emb = self.embedding(c_noise, labels)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for module in self.enc.values():
             x = module(x) if isinstance(module, MPConv) else module(x, emb)
             skips.append(x)
+        bottleneck = x
         for name, block in self.dec.items():
             if "_block" in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
             x = block(x, emb)
-        return self.out_conv(x, gain=self.out_gain)
+        out = self.out_conv(x, gain=self.out_gain)
+        return (out, bottleneck) if return_features else out
 
 
 # --- Preconditioning (papers.md, "Preconditioning") ---
@@ -285,11 +289,12 @@ class Denoiser(nn.Module):
 
     def forward(
         self, x: torch.Tensor, sigma: float | torch.Tensor, labels: torch.Tensor | None = None,
-        return_u: bool = False,
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        return_u: bool = False, return_features: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         """x [B, C, H, W], sigma scalar or [B], labels [B] class indices or None -> x0.
 
-        With return_u also u(sigma) [B], computed inside forward so that DDP sees its use.
+        With return_u also u(sigma) [B], computed inside forward so that DDP sees its use; with
+        return_features also the UNet's bottleneck features (last): (x0, [u,] features).
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
@@ -298,8 +303,11 @@ class Denoiser(nn.Module):
         c_out = sigma * self.sigma_data / (sigma**2 + sd2).sqrt()
         c_in = 1 / (sigma**2 + sd2).sqrt()
         c_noise = sigma.log().flatten() / 4
-        x0 = c_skip * x + c_out * self.unet(c_in * x, c_noise, labels)
-        return (x0, self.u(sigma.flatten())) if return_u else x0
+        out = self.unet(c_in * x, c_noise, labels, return_features=return_features)
+        f, features = out if return_features else (out, None)
+        x0 = c_skip * x + c_out * f
+        extra = ((self.u(sigma.flatten()),) if return_u else ()) + ((features,) if return_features else ())
+        return (x0, *extra) if extra else x0
 
     def u(self, sigma: float | torch.Tensor) -> torch.Tensor:
         """Learned uncertainty (log-variance) u(sigma) [B] for sigma [B] (or a scalar -> [1])."""

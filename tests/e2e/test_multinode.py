@@ -3,7 +3,6 @@ pairs tasks spread over both and make the same pairs as one process; local stora
 unless declared shared."""
 
 import shutil
-from functools import partial
 
 import numpy as np
 import pytest
@@ -13,26 +12,7 @@ from pipeline import dag, store
 from pipeline.executor import InlineExecutor, RayExecutor
 from stages.pairs import read_pairs
 
-from helpers import PAIRS_TINY, ray_cluster
-
-
-def _on_node(fn, item):
-    import ray
-
-    return ray.get_runtime_context().get_node_id(), fn(item)
-
-
-class NodeRecordingExecutor(RayExecutor):
-    """A RayExecutor that records the node each task ran on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.nodes: list[str] = []
-
-    def map(self, fn, items, resources, desc=""):
-        results = super().map(partial(_on_node, fn), items, resources, desc)
-        self.nodes += [node for node, _ in results]
-        return [result for _, result in results]
+from helpers import PAIRS_TINY, NodeRecordingExecutor, ray_cluster
 
 
 @pytest.fixture(scope="module")

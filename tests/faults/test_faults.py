@@ -8,17 +8,19 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 import pytest
+import ray
 
 from pipeline import config as C
 from pipeline import dag, integrity, store
 from pipeline.executor import InlineExecutor, RayExecutor
 from pipeline.training import STATE_FILE, load_state
 
-from helpers import ray_cluster
+from helpers import NodeRecordingExecutor, ray_cluster
 
 SMALL = ["encode.num_images=200", "encode.shard_size=100", "teacher.batch=16", "teacher.checkpoint_nimg=32",
          "teacher.snapshot_nimg=32", "teacher.duration_nimg=96", "teacher.log_nimg=16", "teacher.lr_rampup_nimg=0",
@@ -94,21 +96,20 @@ def test_a_node_removed_under_running_tasks_the_stage_still_finishes_with_the_sa
     shutil.copytree(reference.storage, cfg.storage)
     arts = _artifacts(cfg)
     with ray_cluster({"num_cpus": 1}, {"num_cpus": 1}) as cluster:
+        head = ray.get_runtime_context().get_node_id()
         for stage in ("encode", "pairs", "evaluate"):
             arts[stage].delete()
-            worker = cluster.list_all_nodes()[-1]
-            executor = RayExecutor()
+            executor = NodeRecordingExecutor(delay_s=1.0)  # tasks still in their first second at removal
             assert executor.num_nodes() == 2
-            import threading
-
             run = threading.Thread(target=dag.run, args=(cfg,), kwargs={"only": [stage], "executor": executor})
             run.start()
-            while not store.exists(arts[stage].url) and run.is_alive():
+            while not store.exists(arts[stage].url + ".lease") and run.is_alive():
                 time.sleep(0.01)
-            time.sleep(0.3)  # tasks on both nodes
-            cluster.remove_node(worker, allow_graceful=False)
+            time.sleep(0.5)  # a task started on each node, both still in their first second
+            cluster.remove_node(cluster.list_all_nodes()[-1], allow_graceful=False)
             run.join(300)
             assert arts[stage].manifest() is not None, stage
+            assert set(executor.nodes) == {head}, stage  # the removed node's task was redone on the head
             cluster.add_node(num_cpus=1)
             cluster.wait_for_nodes()
     assert _content(cfg) == _content(reference)

@@ -15,18 +15,10 @@ from pipeline import dag, store
 from pipeline.diffusion.dmd import OneStepGenerator
 from pipeline.executor import InlineExecutor, InlineSession
 from pipeline.training import Diverged, load_network
-from helpers import save_tiny_decoder, save_tiny_vae
-
-TINY = ["encode.num_images=32", "encode.shard_size=32", "teacher.channels=16", "teacher.batch=4",
-        "teacher.snapshot_nimg=8", "teacher.checkpoint_nimg=16", "teacher.duration_nimg=32",
-        "teacher.log_nimg=8", "teacher.lr_rampup_nimg=0", "teacher.shuffle_buffer=32",
-        "phema.sigma_rels=[0.05,0.1]", "pairs.num_pairs=16", "pairs.num_steps=4", "pairs.pairs_per_shard=16",
-        "distill.batch=8", "distill.reg_batch=8", "distill.checkpoint_nimg=64", "distill.log_nimg=16",
-        "distill.lpips_size=32"]
-
+from helpers import DISTILL_TINY, DMD2, save_tiny_decoder, save_tiny_vae
 
 def _cfg(storage: str, *extra: str) -> C.Config:
-    return C.load_config("ci", [*TINY, *extra], storage=storage)
+    return C.load_config("ci", [*DISTILL_TINY, *extra], storage=storage)
 
 
 def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
@@ -99,11 +91,13 @@ class KilledAfterFirstCheckpoint(InlineExecutor):
         train_fn(Dies(job), args)
 
 
-def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, tmp_path):
+@pytest.mark.parametrize("method", ["dmd", "dmd2"])
+def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, tmp_path, method):
     students = {}
     for name, executor in (("whole", InlineExecutor()), ("killed", KilledAfterFirstCheckpoint())):
         shutil.copytree(pairs_store, tmp_path / name)
-        cfg = _cfg(str(tmp_path / name), "distill.duration_nimg=128")  # checkpoints at 64 and 128
+        extra = DMD2 if method == "dmd2" else []  # dmd2: the head and its real-image stream resume too
+        cfg = _cfg(str(tmp_path / name), "distill.duration_nimg=128", *extra)  # checkpoints at 64 and 128
         if name == "killed":
             with pytest.raises(KeyboardInterrupt):
                 dag.run(cfg, until="distill", executor=executor)

@@ -1,0 +1,159 @@
+"""DMD2 in the distill stage: a GAN head on the fake score's bottleneck, trained on real images; no pairs.
+Which update moves what, and on a Gaussian problem the GAN term corrects a teacher's known bias."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline import config as C
+from pipeline import dag, store
+from pipeline.diffusion.gan import DiscriminatorHead, ScoreWithHead
+from pipeline.executor import InlineExecutor
+from stages import distill as D
+
+from helpers import DISTILL_TINY, DMD2
+
+TINY = [*DISTILL_TINY, *DMD2]
+
+
+def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
+    return store.Store(cfg.storage).artifact(stage, dag.cache_keys(dag.graph(), cfg)[stage])
+
+
+def test_dmd2_distills_on_real_images_and_the_pairs_stage_makes_none(tmp_path):
+    cfg = C.load_config("ci", [*TINY, "distill.duration_nimg=32"], storage=str(tmp_path))
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    pairs = _artifact(cfg, "pairs").manifest()["outputs"]
+    assert pairs["num_shards"] == 0 and pairs["teacher"]["sigma_rel"] == 0.1
+    rows = [json.loads(line) for line in store.read_bytes(_artifact(cfg, "distill").path("metrics.jsonl")).splitlines()]
+    assert [r["nimg"] for r in rows] == [16, 32]
+    for r in rows:
+        assert "loss_reg" not in r and all(np.isfinite(r[k]) for k in ("loss_dm", "loss_gan_g", "loss_d", "loss_fake"))
+        assert 0 <= r["d_acc_real"] <= 1 and 0 <= r["d_acc_fake"] <= 1
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["distill.method=dmd2"], "distill.method=dmd2 has no regression loss"),
+    (["distill.method=dmd2", "distill.lambda_reg=0"], "distill.method=dmd2 uses no regression pairs: set pairs.num_pairs=0"),
+    (["pairs.num_pairs=0"], "distill.method=dmd regresses onto pairs"),
+    (["distill.method=gan"], "distill.method"),
+])
+def test_inconsistent_dmd2_settings_are_refused(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        C.load_config("ci", overrides)
+
+
+def _params(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.named_parameters()}
+
+
+def _moved(before: dict[str, torch.Tensor], module: nn.Module) -> set[str]:
+    return {k for k, v in module.named_parameters() if not torch.equal(before[k], v.detach())}
+
+
+def _fake_function(fake: ScoreWithHead, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The fake score's x0 and the head's logits on a fixed input (eval mode: no in-place renormalisation)."""
+    gen = torch.Generator().manual_seed(5)
+    fake.eval()
+    with torch.no_grad():
+        out = fake(torch.randn(8, 3, 16, 16, generator=gen), torch.full((8,), 1.3), labels, return_logits=True)
+    fake.train()
+    return out
+
+
+def test_the_heads_update_leaves_g_alone_and_gs_update_leaves_the_head_and_fake_score_alone(tmp_path):
+    cfg = C.load_config("ci", TINY, storage=str(tmp_path))
+    dag.run(cfg, until="pairs", executor=InlineExecutor())
+    phema, encode = _artifact(cfg, "phema"), _artifact(cfg, "encode").manifest()["outputs"]
+    teacher = _artifact(cfg, "teacher").manifest()["config"]
+    args = D.DistillArgs(cfg.distill, {k: teacher[k] for k in ("P_mean", "P_std", "weighting", "min_snr_gamma",
+                                                                 "use_uncertainty")},
+                         phema, "phema-0.1000.safetensors", "", [], [], encode["encoder"], _artifact(cfg, "distill"), 0)
+    nets = D.build_nets(args, torch.device("cpu"))
+    assert isinstance(nets.fake, ScoreWithHead)
+    z, labels = D._latents(8, nets.real, torch.device("cpu"))
+    real = (torch.randn(8, 3, 16, 16) * 0.5, labels)
+    x = nets.generator(z, labels)  # (a training-mode forward renormalises G's weights in place: first)
+    g, head, score = _params(nets.generator), _params(nets.fake.head), _params(nets.fake.score)
+    info = D.fake_update(nets, nets.fake, args, 8, torch.device("cpu"), x, labels, real)
+    assert _moved(g, nets.generator) == set()
+    assert _moved(head, nets.fake.head) == set(head) and _moved(score, nets.fake.score)  # the head learns, with the score
+    assert {"loss_d", "d_acc_real", "d_acc_fake"} <= set(info)
+    for p in nets.fake.parameters():
+        p.grad = None
+    x = nets.generator(z, labels).float()
+    g, head = _params(nets.generator), _params(nets.fake.head)
+    fake_before = _fake_function(nets.fake, labels)
+    row = D.generator_update_dmd2(nets, nets.generator, args, 8, torch.device("cpu"), x, labels, {"finite": 1.0})
+    assert _moved(head, nets.fake.head) == set()
+    # the fake score's training-mode forwards re-normalise its weights in place (EDM2's forced weight
+    # normalisation): its function, which uses normalised weights anyway, is what must not change
+    for before, after in zip(fake_before, _fake_function(nets.fake, labels)):
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    assert all(p.grad is None for p in nets.fake.parameters())  # G's backward computed nothing for them
+    assert _moved(g, nets.generator) and row["loss_gan_g"] > 0
+
+
+# --- a Gaussian problem: real data N(1, s^2), a teacher that learned N(0, s^2) ---------------------
+
+S = 0.5  # the data's standard deviation, per pixel
+
+
+class GaussianScore(nn.Module):
+    """The exact denoiser of N(mean, S^2) per pixel; its bottleneck features are the denoised image."""
+
+    sigma_data, num_classes, img_channels, img_resolution = 0.5, 0, 2, 4
+
+    def __init__(self, mean: float, trainable: bool) -> None:
+        super().__init__()
+        self.mean = nn.Parameter(torch.full((self.img_channels, 1, 1), mean), requires_grad=trainable)
+
+    def u(self, sigma: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(torch.as_tensor(sigma, dtype=torch.float32)).reshape(-1)
+
+    def forward(self, x, sigma, labels=None, return_u=False, return_features=False):
+        s2 = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1) ** 2
+        x0 = (S**2 * x + s2 * self.mean) / (S**2 + s2)
+        extra = ((self.u(sigma),) if return_u else ()) + ((x0,) if return_features else ())
+        return (x0, *extra) if extra else x0
+
+
+class ShiftGenerator(nn.Module):
+    """G(z) = shift + S z, starting where the teacher is."""
+
+    def __init__(self, shift: float) -> None:
+        super().__init__()
+        self.shift = nn.Parameter(torch.full((2, 1, 1), shift))
+
+    def forward(self, z, labels=None):
+        return self.shift + S * z
+
+
+def _gaussian_run(gan_g_weight: float, steps: int = 150) -> float:
+    torch.manual_seed(0)
+    cfg = C.DistillConfig(method="dmd2", lambda_reg=0, gan_g_weight=gan_g_weight, gan_d_weight=1.0, batch=64,
+                          reg_batch=64, duration_nimg=64, checkpoint_nimg=64, log_nimg=64, grad_clip=1e9,
+                          fake_updates_per_gen=2)
+    args = D.DistillArgs(cfg, {"P_mean": -0.4, "P_std": 1.0, "weighting": "edm2", "min_snr_gamma": 5.0,
+                               "use_uncertainty": False}, None, "", "", [], [], {}, None, 0)
+    teacher = GaussianScore(0.0, trainable=False)
+    fake = ScoreWithHead(GaussianScore(0.0, trainable=True), DiscriminatorHead(2, hidden=16))
+    generator = ShiftGenerator(0.0)
+    nets = D.Nets(generator, fake, teacher, None, torch.optim.Adam(generator.parameters(), lr=0.02),
+                  torch.optim.Adam(fake.parameters(), lr=0.02))
+    device = torch.device("cpu")
+    for _ in range(steps):
+        fakes = [D.fake_update(nets, fake, args, 64, device, real=(1.0 + S * torch.randn(64, 2, 4, 4), None))]
+        x = generator(torch.randn(64, 2, 4, 4))
+        fakes.append(D.fake_update(nets, fake, args, 64, device, x, None, real=(1.0 + S * torch.randn(64, 2, 4, 4), None)))
+        D.generator_update_dmd2(nets, generator, args, 64, device, x, None, D._fake_rows(fakes))
+    return float(generator.shift.detach().mean())
+
+
+def test_on_a_gaussian_the_gan_term_moves_g_from_the_teachers_bias_toward_the_real_data():
+    dm_only, with_gan = _gaussian_run(0.0), _gaussian_run(1.0)
+    assert abs(dm_only) < 0.15  # distribution matching alone keeps G on the teacher's mean, 0
+    assert with_gan > 0.5, with_gan  # the GAN term, trained on real data at mean 1, pulls G most of the way there
