@@ -167,7 +167,8 @@ def report_line(cfg: C.Config, plan: dag.Plan) -> str:
     if manifest is None:
         return ""
     out = manifest["outputs"]
-    line = (f"report: {store.redact(report.path('report.md'))} (and report.html): the one-step student's "
+    steps = next((m["nfe"] for m in out["models"] if m["model"] == "student"), 1)
+    line = (f"report: {store.redact(report.path('report.md'))} (and report.html): the {steps}-step student's "
             f"{out['metric']} is {out['student_over_best_teacher']:.2f}x the best teacher variant's "
             f"(sigma_rel {out['best_sigma_rel']})")
     if out["student_class_accuracy"] is not None:

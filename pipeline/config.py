@@ -267,6 +267,7 @@ class DistillConfig:
     fake_updates_per_gen: int = 1  # 1 = DMD; 5 = DMD2's two time-scale rule
     gan_g_weight: float = 3e-3  # dmd2: weight of G's GAN loss (DMD2, ImageNet)
     gan_d_weight: float = 1e-2  # dmd2: weight of the head's GAN loss beside the fake score's denoising loss
+    student_steps: int = 1  # dmd2: 2 or 4 for DMD2's multi-step student (trained with backward simulation)
     lpips_net: str = "vgg"  # vgg (DMD) | alex | squeeze
     lpips_pretrained: bool = True  # False: random backbone (offline demo/ci; not a perceptual metric)
     lpips_weights: str = ""  # path/URL of torchvision's backbone file (offline clusters); "" = torch hub
@@ -286,6 +287,11 @@ class DistillConfig:
     def __post_init__(self) -> None:
         _check_choice("distill", "lpips_net", self.lpips_net, ("vgg", "alex", "squeeze"))
         _check_choice("distill", "method", self.method, ("dmd", "dmd2"))
+        if self.student_steps not in (1, 2, 4):
+            raise ValueError(f"distill.student_steps = {self.student_steps}: choose 1, 2 or 4")
+        if self.student_steps > 1 and self.method != "dmd2":
+            raise ValueError("distill.student_steps > 1 (a multi-step student) needs distill.method=dmd2 "
+                             "(DMD's regression pairs are one-step)")
         if self.method == "dmd2" and self.lambda_reg:
             raise ValueError(f"distill.method=dmd2 has no regression loss, but distill.lambda_reg = {self.lambda_reg}: "
                              "set distill.lambda_reg=0 (and pairs.num_pairs=0)")

@@ -29,7 +29,7 @@ from pipeline.dag import StageContext
 from pipeline.data.encoders import encoder_from_info, lpips_decoder
 from pipeline.data.shards import reader
 from pipeline.diffusion.dmd import (OneStepGenerator, distribution_matching_loss, fake_score_loss, load_lpips,
-                                    lpips_regression_loss, sample_dm_sigma)
+                                    lpips_regression_loss, sample_dm_sigma, student_sigmas)
 from pipeline.diffusion.gan import (DiscriminatorHead, ScoreWithHead, bottleneck_channels, discriminator_loss,
                                     generator_loss)
 from pipeline.diffusion.loss import edm2_error, sample_sigma
@@ -105,6 +105,23 @@ def _latents(batch: int, net: Denoiser, device: torch.device) -> tuple[torch.Ten
     return z, labels
 
 
+def student_batch(nets: Nets, model: torch.nn.Module, args: DistillArgs, batch: int, device: torch.device,
+                  grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A batch of the student's outputs and its labels. A multi-step student's step is drawn at random
+    and its input made by backward simulation: the student's own earlier steps (no gradient), each
+    output re-noised to the next level; then that step's output (with gradient, if `grad`)."""
+    z, labels = _latents(batch, nets.real, device)
+    sigmas = student_sigmas(args.cfg.student_steps)
+    k = int(torch.randint(len(sigmas), ())) if len(sigmas) > 1 else 0
+    x = z
+    with torch.no_grad(), mixed_precision(device):
+        for j in range(k):  # a training-mode forward renormalises G's weights in place: these come first
+            x = nets.generator(x, labels, sigma=sigmas[j] if j else None).float()
+            x = x + sigmas[j + 1] * torch.randn_like(x)
+    with torch.set_grad_enabled(grad), mixed_precision(device):
+        return model(x, labels, sigma=sigmas[k] if k else None).float(), labels
+
+
 def _real_batch(reals: Iterator, encoder: Any, nets: Nets, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
     stored, labels = next(reals)
     return encoder.to_model(stored.to(device)).float(), labels.to(device) if nets.real.num_classes else None
@@ -121,9 +138,7 @@ def fake_update(nets: Nets, fake_model: torch.nn.Module, args: DistillArgs, batc
     edm2_kwargs = {k: loss_cfg[k] for k in ("weighting", "min_snr_gamma", "use_uncertainty")}
     with mixed_precision(device):
         if x is None:
-            z, labels = _latents(batch, nets.real, device)
-            with torch.no_grad():
-                x = nets.generator(z, labels)
+            x, labels = student_batch(nets, nets.generator, args, batch, device, grad=False)
         x = x.detach().float()
         sigma = sample_sigma(batch, loss_cfg["P_mean"], loss_cfg["P_std"], None, device)
         if real is None:
@@ -229,9 +244,7 @@ def train_step_dmd2(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn
     images; the last on the batch G then steps on), then G's step (`generator_update_dmd2`)."""
     fakes = [fake_update(nets, fake_model, args, batch, device, real=_real_batch(reals, encoder, nets, device))
              for _ in range(args.cfg.fake_updates_per_gen - 1)]
-    z, labels = _latents(batch, nets.real, device)
-    with mixed_precision(device):
-        x = gen_model(z, labels).float()
+    x, labels = student_batch(nets, gen_model, args, batch, device, grad=True)
     fakes.append(fake_update(nets, fake_model, args, batch, device, x, labels,
                              real=_real_batch(reals, encoder, nets, device)))
     return generator_update_dmd2(nets, gen_model, args, batch, device, x, labels, _fake_rows(fakes))
@@ -350,7 +363,8 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
     rows = gather_metrics(ctx.artifact)
     check_diverged(metrics, "distill")
     return {
-        "student": {"file": "student.safetensors", "config": "student.json", "nfe": 1},
+        "student": {"file": "student.safetensors", "config": "student.json", "nfe": cfg.student_steps,
+                    "sigmas": student_sigmas(cfg.student_steps)},
         "teacher": pairs["outputs"]["teacher"],
         "metrics": rows[-1] if rows else {},
         "train_wall_time_s": round(time.perf_counter() - start, 1),

@@ -29,7 +29,7 @@ from pipeline.config import EvalConfig
 from pipeline.dag import StageContext
 from pipeline.data.encoders import decode_images, encoder_from_info
 from pipeline.data.shards import read_samples
-from pipeline.diffusion.dmd import OneStepGenerator
+from pipeline.diffusion.dmd import SIGMA_MAX, OneStepGenerator, student_sample
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import Resources
 from pipeline.metrics.features import load_network, worker_network
@@ -53,17 +53,20 @@ class Model:
     artifact: Artifact | None
     weights: str  # file in the artifact
     sigma_rel: float | None
-    num_steps: int  # Heun steps of a teacher; 1 for the one-step student; 0 for real images
+    num_steps: int  # Heun steps of a teacher; the student's steps (1, or DMD2's 2 or 4); 0 for real images
+    sigmas: tuple[float, ...] = ()  # a multi-step student's noise levels
 
     @property
     def label(self) -> str:
         if self.name == "teacher":
             return f"teacher sigma_rel={self.sigma_rel:.3f}"
-        return {"student": "student (1 step)", "real": "real (held-out)"}[self.name]
+        if self.name == "student":
+            return f"student ({self.num_steps} step{'s' if self.num_steps > 1 else ''})"
+        return "real (held-out)"
 
     @property
     def nfe(self) -> int:
-        return {"teacher": 2 * self.num_steps - 1, "student": 1, "real": 0}[self.name]
+        return {"teacher": 2 * self.num_steps - 1, "student": self.num_steps, "real": 0}[self.name]
 
     @property
     def config_name(self) -> str:
@@ -99,8 +102,10 @@ def generate(model: Model, net: torch.nn.Module, seeds: list[int], encoder: Any,
     with torch.no_grad():
         if model.name == "teacher":
             x = edm_sampler(net, noise, labels, num_steps=model.num_steps)
-        else:  # the one-step student: G(z) = D(sigma_max z, sigma_max)
-            x = OneStepGenerator(net)(noise, labels)
+        else:  # the student: G(z) = D(sigma_max z, sigma_max), then its later steps if it has them
+            renoise = [seeded_noise([s + (k << 32) for s in seeds], shape, 0, device)[0]  # per seed and step
+                       for k in range(1, len(model.sigmas))]
+            x = student_sample(OneStepGenerator(net), noise, labels, list(model.sigmas) or [SIGMA_MAX], renoise)
     return encoder.decode(x), None if labels is None else labels.cpu().numpy()
 
 
@@ -302,7 +307,7 @@ def _summary(rows: list[dict[str, Any]], metric: str) -> tuple[dict[str, Any], l
     lines = [f"Best teacher EMA length by {title}: **sigma_rel = {best['sigma_rel']:.3f}** ({title} {best[metric]:.3f})."]
     for r in rows:
         if r["model"] == "student":
-            lines.append(f"The one-step student's {title} is **{r[metric] / best[metric]:.2f}x** the best teacher's "
+            lines.append(f"The {r['nfe']}-step student's {title} is **{r[metric] / best[metric]:.2f}x** the best teacher's "
                          f"({r['nfe']} vs {best['nfe']} network evaluations).")
         if r["model"] != "teacher" and r["class_accuracy"] is not None:
             lines.append(f"Class accuracy: {r['label']} {r['class_accuracy']:.1%}, best teacher "
@@ -325,9 +330,14 @@ def _notes(cfg: EvalConfig, probe: dict[str, Any], refstats: dict[str, Any], rea
 
 
 def _models(cfg: EvalConfig, inputs: dict[str, Artifact], real: bool) -> list[Model]:
-    models = [*_teacher_models(inputs["phema"], cfg.num_steps),
-              Model("student", inputs["distill"], "student.safetensors", None, 1)]
+    models = [*_teacher_models(inputs["phema"], cfg.num_steps), student_model(inputs["distill"])]
     return models + ([Model("real", None, "", None, 0)] if real else [])
+
+
+def student_model(distill: Artifact) -> Model:
+    """The distilled student: its step count and noise levels from the distill manifest."""
+    student = distill.manifest()["outputs"]["student"]
+    return Model("student", distill, student["file"], None, student["nfe"], tuple(student.get("sigmas", ())))
 
 
 def _metrics_rows(artifact: Artifact) -> list[dict[str, Any]]:
@@ -391,6 +401,8 @@ def sample_model(cfg: Any, which: str, seeds: list[int], steps: int | None,
     kind, _, sigma = which.partition(":")
     if kind == "student":
         model = Model("student", st.artifact("distill", keys["distill"]), "student.safetensors", None, 1)
+        if model.artifact.manifest() is not None:
+            model = student_model(model.artifact)
     elif kind == "teacher":
         sigma_rel = float(sigma) if sigma else cfg.pairs.sigma_rel
         model = Model("teacher", st.artifact("phema", keys["phema"]), f"phema-{sigma_rel:.4f}.safetensors",

@@ -41,10 +41,12 @@ class OneStepGenerator(nn.Module):
         """A generator initialised with a trainable copy of the teacher's weights."""
         return cls(copy.deepcopy(teacher).requires_grad_(True), sigma_max)
 
-    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """z [B, C, H, W] unit Gaussian noise, labels [B] class indices or None -> x [B, C, H, W]."""
-        sigma = z.new_full((z.shape[0],), self.sigma_max)
-        return self.net(self.sigma_max * z, sigma, labels)
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None, sigma: float | None = None) -> torch.Tensor:
+        """z [B, C, H, W] unit Gaussian noise, labels [B] class indices or None -> x [B, C, H, W]. With
+        `sigma`, a later step of a multi-step student: z is then that step's input, noised to sigma."""
+        if sigma is None:
+            return self.net(self.sigma_max * z, z.new_full((z.shape[0],), self.sigma_max), labels)
+        return self.net(z, z.new_full((z.shape[0],), sigma), labels)
 
     @property
     def denoiser(self) -> nn.Module:
@@ -52,6 +54,23 @@ class OneStepGenerator(nn.Module):
         if isinstance(self.net, (DistributedDataParallel, DataParallel)):
             return self.net.module
         return self.net
+
+
+def student_sigmas(steps: int, sigma_max: float = SIGMA_MAX, sigma_min: float = 0.002, rho: float = 7.0) -> list[float]:
+    """A `steps`-step student's fixed noise levels (DMD2's multi-step generator): the first `steps` of a
+    Karras schedule of steps + 1 levels from sigma_max to sigma_min; [80] for one step, [80, 2.52] for
+    two, [80, 17.5, 2.52, 0.17] for four."""
+    return [float(s) for s in time_steps(steps + 1, sigma_min, sigma_max, rho)[:steps]]
+
+
+def student_sample(generator: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None, sigmas: list[float],
+                   renoise: list[torch.Tensor]) -> torch.Tensor:
+    """A multi-step student's samples: x = G(noise) at sigmas[0]; then for each later level, G of x
+    re-noised to it with `renoise[k - 1]` (unit Gaussian, like noise)."""
+    x = generator(noise, labels)
+    for sigma, n in zip(sigmas[1:], renoise):
+        x = generator(x + sigma * n, labels, sigma=sigma)
+    return x
 
 
 def karras_sigmas(

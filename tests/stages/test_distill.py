@@ -118,9 +118,9 @@ def test_a_step_is_k_minus_1_fresh_fake_updates_then_one_on_gs_batch_then_g(stor
     forward, dm_loss, fake_update, step = (OneStepGenerator.forward, D.distribution_matching_loss,
                                            D.fake_update, D._step)
 
-    def recording_forward(self, z, labels=None):
+    def recording_forward(self, z, labels=None, sigma=None):
         events.append(f"G {len(z)}" + ("" if torch.is_grad_enabled() else " no grad"))
-        return forward(self, z, labels)
+        return forward(self, z, labels, sigma)
 
     def recording_dm_loss(x, *args, **kwargs):
         events.append("DM loss")

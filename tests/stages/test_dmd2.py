@@ -2,6 +2,7 @@
 Which update moves what, and on a Gaussian problem the GAN term corrects a teacher's known bias."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,12 @@ from torch import nn
 
 from pipeline import config as C
 from pipeline import dag, store
+from pipeline.data.encoders import encoder_from_info
+from pipeline.diffusion.dmd import OneStepGenerator, student_sigmas
 from pipeline.diffusion.gan import DiscriminatorHead, ScoreWithHead
+from pipeline.diffusion.sampler import seeded_noise
+from pipeline.training import load_network
+from stages.evaluate import generate, student_model
 from pipeline.executor import InlineExecutor
 from stages import distill as D
 
@@ -64,14 +70,23 @@ def _fake_function(fake: ScoreWithHead, labels: torch.Tensor) -> tuple[torch.Ten
     return out
 
 
-def test_the_heads_update_leaves_g_alone_and_gs_update_leaves_the_head_and_fake_score_alone(tmp_path):
-    cfg = C.load_config("ci", TINY, storage=str(tmp_path))
+@pytest.fixture(scope="module")
+def pairs_cfg(tmp_path_factory) -> C.Config:
+    cfg = C.load_config("ci", TINY, storage=str(tmp_path_factory.mktemp("dmd2")))
     dag.run(cfg, until="pairs", executor=InlineExecutor())
+    return cfg
+
+
+def _args(cfg: C.Config, **distill: object) -> D.DistillArgs:
     phema, encode = _artifact(cfg, "phema"), _artifact(cfg, "encode").manifest()["outputs"]
     teacher = _artifact(cfg, "teacher").manifest()["config"]
-    args = D.DistillArgs(cfg.distill, {k: teacher[k] for k in ("P_mean", "P_std", "weighting", "min_snr_gamma",
-                                                                 "use_uncertainty")},
-                         phema, "phema-0.1000.safetensors", "", [], [], encode["encoder"], _artifact(cfg, "distill"), 0)
+    loss = {k: teacher[k] for k in ("P_mean", "P_std", "weighting", "min_snr_gamma", "use_uncertainty")}
+    return D.DistillArgs(replace(cfg.distill, **distill), loss, phema, "phema-0.1000.safetensors", "", [], [],
+                         encode["encoder"], _artifact(cfg, "distill"), 0)
+
+
+def test_the_heads_update_leaves_g_alone_and_gs_update_leaves_the_head_and_fake_score_alone(pairs_cfg):
+    args = _args(pairs_cfg)
     nets = D.build_nets(args, torch.device("cpu"))
     assert isinstance(nets.fake, ScoreWithHead)
     z, labels = D._latents(8, nets.real, torch.device("cpu"))
@@ -128,7 +143,7 @@ class ShiftGenerator(nn.Module):
         super().__init__()
         self.shift = nn.Parameter(torch.full((2, 1, 1), shift))
 
-    def forward(self, z, labels=None):
+    def forward(self, z, labels=None, sigma=None):  # one step: sigma is always None
         return self.shift + S * z
 
 
@@ -157,3 +172,51 @@ def test_on_a_gaussian_the_gan_term_moves_g_from_the_teachers_bias_toward_the_re
     dm_only, with_gan = _gaussian_run(0.0), _gaussian_run(1.0)
     assert abs(dm_only) < 0.15  # distribution matching alone keeps G on the teacher's mean, 0
     assert with_gan > 0.5, with_gan  # the GAN term, trained on real data at mean 1, pulls G most of the way there
+
+
+# --- multi-step students ------------------------------------------------------------------------------
+
+def test_a_students_noise_levels_are_the_head_of_a_karras_schedule():
+    assert student_sigmas(1) == [80.0]
+    assert student_sigmas(2) == pytest.approx([80.0, (80 ** (1 / 7) / 2 + 0.002 ** (1 / 7) / 2) ** 7])
+    hi, lo = 80 ** (1 / 7), 0.002 ** (1 / 7)  # 4 steps: levels 0..3 of the 5-level schedule (the 5th is 0.002)
+    assert student_sigmas(4) == pytest.approx([(hi + i / 4 * (lo - hi)) ** 7 for i in range(4)])
+    assert student_sigmas(4) == pytest.approx([80.0, 17.53, 2.515, 0.1698], rel=1e-3)
+
+
+def test_backward_simulation_is_the_students_own_earlier_step_renoised(pairs_cfg):
+    args = _args(pairs_cfg, student_steps=2)
+    nets = D.build_nets(args, torch.device("cpu"))
+    nets.generator.eval()  # no in-place renormalisation between the two runs compared
+    sigmas = student_sigmas(2)
+    for seed in range(20):
+        torch.manual_seed(seed)
+        x, labels = D.student_batch(nets, nets.generator, args, 4, torch.device("cpu"), grad=True)
+        torch.manual_seed(seed)  # the same draws, by hand: z and labels, the step, the re-noising
+        z, hand_labels = D._latents(4, nets.real, torch.device("cpu"))
+        if int(torch.randint(2, ())) == 1:
+            with torch.no_grad():
+                x1 = nets.generator(z, hand_labels) + sigmas[1] * torch.randn_like(z)  # step 1's input
+            torch.testing.assert_close(x, nets.generator(x1, hand_labels, sigma=sigmas[1]).float())
+            assert x.requires_grad and torch.equal(labels, hand_labels)
+            return
+    pytest.fail("no seed drew step 1")
+
+
+def test_a_two_step_student_trains_and_samples_with_its_two_steps(pairs_cfg):
+    cfg = C.load_config("ci", [*TINY, "distill.student_steps=2", "distill.duration_nimg=16"], storage=pairs_cfg.storage)
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    distill = _artifact(cfg, "distill")
+    assert distill.manifest()["outputs"]["student"] == {"file": "student.safetensors", "config": "student.json",
+                                                        "nfe": 2, "sigmas": student_sigmas(2)}
+    model = student_model(distill)
+    assert (model.nfe, model.label, model.sigmas) == (2, "student (2 steps)", tuple(student_sigmas(2)))
+    net = load_network(distill, "student")
+    encoder = encoder_from_info(_artifact(cfg, "encode").manifest()["outputs"]["encoder"])
+    images, labels = generate(model, net, [3, 4], encoder, "cpu")
+    noise, seeded_labels = seeded_noise([3, 4], (3, 16, 16), net.num_classes, "cpu")
+    renoise = seeded_noise([3 + (1 << 32), 4 + (1 << 32)], (3, 16, 16), 0, "cpu")[0]
+    with torch.no_grad():
+        g = OneStepGenerator(net)
+        x = g(g(noise, seeded_labels) + student_sigmas(2)[1] * renoise, seeded_labels, sigma=student_sigmas(2)[1])
+    assert np.array_equal(images, encoder.decode(x)) and np.array_equal(labels, seeded_labels.numpy())
