@@ -5,6 +5,7 @@
     python workflows/bench.py sample      # Heun sampler overhead, evaluate images/s (1 vs 2 workers), phema memory
     python workflows/bench.py pairs       # pairs/s (1 vs 2 Ray workers) against the forward-pass bound
     python workflows/bench.py distill     # one distill step against the sum of its passes, each timed alone
+    python workflows/bench.py distill --method dmd2   # the same for DMD2, and its peak memory against DMD's
     python workflows/bench.py evaluate    # probe and Inception features images/s; evaluate's share of the demo
     python workflows/bench.py integrity   # the reader's samples/s with and without checksum verification
     python workflows/bench.py gpu         # the first GPU run: gpu tests, XS/S bf16 images/s and MFU, sampler
@@ -521,11 +522,15 @@ def bench_pairs(a: argparse.Namespace) -> None:
 LOSS_KEYS = ("P_mean", "P_std", "weighting", "min_snr_gamma", "use_uncertainty")  # distill.run's teacher_loss
 
 
-def _distill_args(preset: str, root: str) -> D.DistillArgs:
+DMD2_SETTINGS = {"method": "dmd2", "lambda_reg": 0.0, "fake_updates_per_gen": 5}  # DMD2's rule, as in the README
+
+
+def _distill_args(preset: str, root: str, method: str = "dmd") -> D.DistillArgs:
     cfg = C.load_config(preset)
+    distill = dataclasses.replace(cfg.distill, **DMD2_SETTINGS) if method == "dmd2" else cfg.distill
     teacher = _teacher_artifact(root, _preset_network(preset))
-    return D.DistillArgs(cfg.distill, {k: getattr(cfg.teacher, k) for k in LOSS_KEYS}, teacher,
-                         "network.safetensors", "", [], RgbEncoder().info(), store.Artifact(f"{root}/distill"), 0)
+    return D.DistillArgs(distill, {k: getattr(cfg.teacher, k) for k in LOSS_KEYS}, teacher, "network.safetensors",
+                         "", [], [], RgbEncoder().info(), store.Artifact(f"{root}/distill"), 0)
 
 
 def _pair_batches(net: Denoiser, reg_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -576,7 +581,54 @@ def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs
     return passes
 
 
+def _dmd2_passes(nets: D.Nets, args: D.DistillArgs) -> list[tuple[str, int, Callable[[], Any]]]:
+    """Each forward/backward a DMD2 step does, to be timed alone: (what, times per step, call)."""
+    cfg, loss, g = args.cfg, args.teacher_loss, nets.generator
+    b, k = cfg.batch, cfg.fake_updates_per_gen
+    z = torch.randn(b, g.denoiser.img_channels, g.denoiser.img_resolution, g.denoiser.img_resolution)
+    labels = torch.randint(g.denoiser.num_classes, (b,))
+    with torch.no_grad():
+        x = g(z, labels)
+    sigma, real = sample_sigma(2 * b, loss["P_mean"], loss["P_std"], None, "cpu"), 0.5 * torch.randn_like(x)
+    both, labels2 = torch.cat([x, real]), torch.cat([labels, labels])
+
+    def fake_side() -> torch.Tensor:
+        denoised, u, logits = nets.fake(both, sigma, labels2, return_u=True, return_logits=True)
+        return denoised.square().mean() + u.mean() + logits.mean()
+
+    def g_gan() -> None:  # through the frozen fake score and head to the images
+        frozen = [p.requires_grad_(False) for p in nets.fake.parameters()]
+        xg = x.clone().requires_grad_()
+        nets.fake(xg, sigma[:b], labels, return_logits=True)[1].mean().backward()
+        for p in frozen:
+            p.requires_grad_(True)
+
+    def no_grad_g() -> None:
+        with torch.no_grad():
+            g(z, labels)
+
+    return [(f"fake score + head forward+backward, {b} generated + {b} real images (x{k} per step)", k,
+             partial(_backward, fake_side, nets.fake)),
+            (f"G forward, no grad, {b} images (x{k - 1} per step)", k - 1, no_grad_g),
+            (f"G forward+backward, {b} images", 1, partial(_backward, lambda: g(z, labels).square().mean(), g)),
+            (f"real + fake score forwards (DM gradient), {b} images", 1,
+             lambda: distribution_matching_loss(x, labels, nets.real, nets.fake, D.sample_dm_sigma(b, None, "cpu"),
+                                                torch.randn_like(x))),
+            (f"fake score + head forward+backward to the images (G's GAN term), {b} images", 1, g_gan)]
+
+
+def _peak_step_bytes(step: Callable[[], Any]) -> int:
+    """The rise of this process's peak RSS over one call (after a warm-up call)."""
+    step()
+    base = _reset_peak_rss()
+    step()
+    return _rss_bytes("VmHWM") - base
+
+
 def bench_distill(a: argparse.Namespace) -> None:
+    if a.method == "dmd2":
+        bench_distill_dmd2(a)
+        return
     torch.set_num_threads(a.threads)
     cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -602,6 +654,43 @@ def bench_distill(a: argparse.Namespace) -> None:
            ("sum of the passes, ms", f"{1e3 * parts.sum():.0f}", ""),
            (f"step / sum of its passes, median of {a.iters} interleaved rounds", f"{ratio:.2f}",
             "~1 (rest: optimiser, clipping)")])
+
+
+def bench_distill_dmd2(a: argparse.Namespace) -> None:
+    """A DMD2 step (GAN head, 5 fake-side updates with real images, no regression) against the sum of its
+    passes, and its peak memory against a DMD step's."""
+    torch.set_num_threads(a.threads)
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        args, dmd_args = _distill_args(a.preset, tmp, "dmd2"), _distill_args(a.preset, tmp)
+        nets, dmd_nets = D.build_nets(args, cpu), D.build_nets(dmd_args, cpu)
+    cfg, encoder = args.cfg, encoder_from_info(args.encoder)
+    shape = (cfg.batch, nets.real.img_channels, nets.real.img_resolution, nets.real.img_resolution)
+    reals = itertools.repeat((0.5 * torch.randn(shape), torch.randint(nets.real.num_classes, (cfg.batch,))))
+
+    def step() -> None:
+        D.train_step_dmd2(nets, nets.generator, nets.fake, reals, encoder, args, cfg.batch, cpu)
+
+    lpips = load_lpips(dmd_args.cfg.lpips_net, dmd_args.cfg.lpips_pretrained, dmd_args.cfg.lpips_weights)
+    to_pixels = lpips_decoder(encoder, dmd_args.cfg.lpips_decoder)
+    pairs = _pair_batches(dmd_nets.real, dmd_args.cfg.reg_batch)
+
+    def dmd_step() -> None:
+        D.train_step(dmd_nets, dmd_nets.generator, dmd_nets.fake, pairs, to_pixels, lpips, dmd_args, cfg.batch, cpu)
+
+    passes = _dmd2_passes(nets, args)
+    times = _round_seconds([step, *(fn for _, _, fn in passes)], warmup=1, iters=a.iters)
+    times[:, 1:] *= np.array([count for _, count, _ in passes])
+    seconds, parts = np.median(times, axis=0)[0], np.median(times, axis=0)[1:]
+    ratio = np.median(times[:, 0] / times[:, 1:].sum(axis=1))
+    dmd2_peak, dmd_peak = _peak_step_bytes(step), _peak_step_bytes(dmd_step)
+    table([(f"DMD2 step ms, {a.preset} preset ({cfg.fake_updates_per_gen} fake-side updates; CPU, {a.threads} thr)",
+            f"{1e3 * seconds:.0f}", ""),
+           *((f"  {name}, ms", f"{1e3 * t:.0f}", "") for (name, _, _), t in zip(passes, parts)),
+           ("sum of the passes, ms", f"{1e3 * parts.sum():.0f}", ""),
+           (f"step / sum of its passes, median of {a.iters} interleaved rounds", f"{ratio:.2f}", "<= 1.1"),
+           ("peak memory rise of a DMD2 step, MB", f"{dmd2_peak / 2**20:.0f}", ""),
+           ("peak memory rise of a DMD step (LPIPS regression), MB", f"{dmd_peak / 2**20:.0f}", "")])
 
 
 def _features_rate(features: Callable[[np.ndarray], Any], resolution: int, batch: int, iters: int) -> float:
@@ -670,6 +759,7 @@ def main() -> None:
     distill.add_argument("--preset", default="ci", choices=("ci", "demo"))
     distill.add_argument("--iters", type=int, default=5, help="timed repeats of the step and of each pass")
     distill.add_argument("--threads", type=int, default=1)
+    distill.add_argument("--method", default="dmd", choices=("dmd", "dmd2"))
     gpu = sub.add_parser("gpu")
     gpu.add_argument("--gpu-batch", type=int, default=64, help="images per GPU pass for XS and S")
     gpu.add_argument("--peak-tflops", type=float, default=989, help="dense bf16 peak (989: H100 SXM)")
