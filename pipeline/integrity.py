@@ -87,12 +87,12 @@ def verify(cfg: C.Config, stages: list[str] = (), executor: Executor | None = No
     st = store.Store(cfg.storage)
     store.check_storage(st.root)
     keys = dag.cache_keys(nodes, cfg)
-    executor = executor or make_executor(cfg.executor, cfg.max_in_flight)
     states, damage = {}, []
     for name in [n for n in nodes if not stages or n in stages]:
         artifact = st.artifact(name, keys[name])
         states[name] = artifact.state()
         if states[name] == "done":
+            executor = executor or make_executor(cfg.executor, cfg.max_in_flight)  # (Ray starts only if needed)
             damage += damaged_files(name, artifact, executor)
     return states, damage
 
