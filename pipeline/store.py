@@ -129,6 +129,13 @@ class ChecksumMismatch(ValueError):
 
 
 _ARTIFACT_FILE = re.compile(r"^(.*/[a-z]+/[0-9a-f]{16})/(.+)$")  # {storage}/{stage}/{key}/{file}
+_STAGE_KEY = re.compile(r"/([a-z]+)/[0-9a-f]{16}(?=/|$)")
+
+
+def _stage_of(url: str) -> str:
+    """The stage of an artifact's URL, or of a file in it ("STAGE" when it is neither)."""
+    stages = _STAGE_KEY.findall(url)
+    return stages[-1] if stages else "STAGE"
 
 
 _RECORDED: dict[str, dict[str, str]] = {}  # committed artifact URL -> its manifest's checksums
@@ -185,8 +192,7 @@ def _claim(prefix: str) -> dict[str, tuple[int, str]]:
 
 def damage_hint(url: str) -> str:
     """The fix for a damaged file of an artifact `{storage}/{stage}/{key}/...`."""
-    match = re.search(r"/([a-z]+)/([0-9a-f]{16})/", url)
-    stage = match[1] if match else "STAGE"
+    stage = _stage_of(url)
     return (f"run `onestep verify {stage}` (same config) to list the damaged files, then `onestep run --repair "
             f"{stage}` to remake them (or `--force {stage}`)")
 
@@ -490,9 +496,8 @@ class Artifact:
         except FileNotFoundError:
             return None
         except (ValueError, AttributeError) as e:  # cut or altered JSON
-            stage = re.search(r"/([a-z]+)/[0-9a-f]{16}$", self.url)
             raise ChecksumMismatch(f"the manifest {redact(self.path(MANIFEST))} is damaged ({e}): rerun with "
-                                   f"--force {stage[1] if stage else 'STAGE'} to remake the artifact") from None
+                                   f"--force {_stage_of(self.url)} to remake the artifact") from None
 
     def state(self) -> str:
         """'done' (manifest present), 'partial' (some files, no manifest) or 'missing'."""

@@ -17,7 +17,7 @@ import ray
 
 from pipeline import config as C
 from pipeline import dag, integrity, store
-from pipeline.executor import InlineExecutor, RayExecutor
+from pipeline.executor import InlineExecutor
 from pipeline.training import STATE_FILE, load_state
 
 from helpers import NodeRecordingExecutor, ray_cluster

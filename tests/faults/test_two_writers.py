@@ -1,7 +1,6 @@
 """One writer per artifact: two drivers started at once on one storage (local, and the moto S3 server)
 make each artifact once, the second using the first's; a killed driver's lease is taken over."""
 
-import os
 import signal
 import subprocess
 import sys
