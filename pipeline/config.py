@@ -254,8 +254,9 @@ class PairsConfig:
 class DistillConfig:
     """DMD: a one-step generator from the phema teacher (papers.md, DMD and DMD2)."""
 
-    lr: float = 2e-6  # generator and fake score (AdamW, betas 0.9/0.999, weight decay 0.01)
+    lr: float = 2e-6  # generator and fake score (AdamW, betas (adam_beta1, 0.999), weight decay 0.01)
     fake_lr: float = 2e-6
+    adam_beta1: float = 0.9  # DMD: 0.9; 0 (as GANs are trained) damps the two players' oscillation in short runs
     weight_decay: float = 0.01
     grad_clip: float = 10.0
     batch: int = 336  # generator images per step for the distribution-matching loss (global)
@@ -268,6 +269,9 @@ class DistillConfig:
     gan_g_weight: float = 3e-3  # dmd2: weight of G's GAN loss (DMD2, ImageNet)
     gan_d_weight: float = 1e-2  # dmd2: weight of the head's GAN loss beside the fake score's denoising loss
     student_steps: int = 1  # dmd2: 2 or 4 for DMD2's multi-step student (trained with backward simulation)
+    # The student's first noise level: G(z) = D_G(s z, s), and its steps' Karras schedule starts there.
+    # DMD: 80 (the teacher's sigma_max), where the teacher's output hardly depends on z; SiD: 2.5
+    sigma_init: float = 80.0
     lpips_net: str = "vgg"  # vgg (DMD) | alex | squeeze
     lpips_pretrained: bool = True  # False: random backbone (offline demo/ci; not a perceptual metric)
     lpips_weights: str = ""  # path/URL of torchvision's backbone file (offline clusters); "" = torch hub
@@ -292,6 +296,10 @@ class DistillConfig:
         if self.student_steps > 1 and self.method != "dmd2":
             raise ValueError("distill.student_steps > 1 (a multi-step student) needs distill.method=dmd2 "
                              "(DMD's regression pairs are one-step)")
+        if not 0 <= self.adam_beta1 < 1:
+            raise ValueError(f"distill.adam_beta1 = {self.adam_beta1}: must be in [0, 1)")
+        if not self.sigma_init > 0.002:
+            raise ValueError(f"distill.sigma_init = {self.sigma_init}: must be above the schedules' sigma_min, 0.002")
         if self.method == "dmd2" and self.lambda_reg:
             raise ValueError(f"distill.method=dmd2 has no regression loss, but distill.lambda_reg = {self.lambda_reg}: "
                              "set distill.lambda_reg=0 (and pairs.num_pairs=0)")

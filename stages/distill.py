@@ -2,9 +2,9 @@
 
     onestep run --config ci --until distill --storage /tmp/onestep
 
-G(z, label) = D_G(sigma_max z, sigma_max, label), initialised from the teacher variant that
-made the pairs; the real score is that teacher, frozen; the fake score is a trainable copy
-trained on G's detached outputs with the teacher's own loss. Each generator step combines
+G(z, label) = D_G(s z, s, label) with s = `sigma_init` (DMD: the teacher's sigma_max, 80),
+initialised from the teacher variant that made the pairs; the real score is that teacher, frozen;
+the fake score is a trainable copy trained on G's detached outputs with the teacher's own loss. Each generator step combines
 the distribution-matching loss on a fresh batch with `lambda_reg` x LPIPS regression on a
 separate batch of pairs (papers.md, DMD). `fake_updates_per_gen` > 1 is DMD2's two
 time-scale rule. `method: dmd2` replaces the regression by DMD2's GAN term: a discriminator head on
@@ -71,12 +71,12 @@ class Nets:
 
 
 def _adamw(params: Any, lr: float, cfg: DistillConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, 0.999), weight_decay=cfg.weight_decay)
 
 
 def build_nets(args: DistillArgs, device: torch.device) -> Nets:
     real = load_network(args.phema, "network", args.weights).to(device)
-    generator = OneStepGenerator.from_teacher(real).to(device).train()
+    generator = OneStepGenerator.from_teacher(real, args.cfg.sigma_init).to(device).train()
     generator.net.u_linear.requires_grad_(False)  # G never uses the uncertainty branch
     fake = copy.deepcopy(real).requires_grad_(True).train()
     if args.cfg.method == "dmd2":
@@ -111,7 +111,7 @@ def student_batch(nets: Nets, model: torch.nn.Module, args: DistillArgs, batch: 
     and its input made by backward simulation: the student's own earlier steps (no gradient), each
     output re-noised to the next level; then that step's output (with gradient, if `grad`)."""
     z, labels = _latents(batch, nets.real, device)
-    sigmas = student_sigmas(args.cfg.student_steps)
+    sigmas = student_sigmas(args.cfg.student_steps, args.cfg.sigma_init)
     k = int(torch.randint(len(sigmas), ())) if len(sigmas) > 1 else 0
     x = z
     with torch.no_grad(), mixed_precision(device):
@@ -364,7 +364,7 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
     check_diverged(metrics, "distill")
     return {
         "student": {"file": "student.safetensors", "config": "student.json", "nfe": cfg.student_steps,
-                    "sigmas": student_sigmas(cfg.student_steps)},
+                    "sigmas": student_sigmas(cfg.student_steps, cfg.sigma_init)},
         "teacher": pairs["outputs"]["teacher"],
         "metrics": rows[-1] if rows else {},
         "train_wall_time_s": round(time.perf_counter() - start, 1),

@@ -102,10 +102,11 @@ def generate(model: Model, net: torch.nn.Module, seeds: list[int], encoder: Any,
     with torch.no_grad():
         if model.name == "teacher":
             x = edm_sampler(net, noise, labels, num_steps=model.num_steps)
-        else:  # the student: G(z) = D(sigma_max z, sigma_max), then its later steps if it has them
+        else:  # the student: G(z) = D(sigmas[0] z, sigmas[0]), then its later steps if it has them
+            sigmas = list(model.sigmas) or [SIGMA_MAX]
             renoise = [seeded_noise([s + (k << 32) for s in seeds], shape, 0, device)[0]  # per seed and step
-                       for k in range(1, len(model.sigmas))]
-            x = student_sample(OneStepGenerator(net), noise, labels, list(model.sigmas) or [SIGMA_MAX], renoise)
+                       for k in range(1, len(sigmas))]
+            x = student_sample(OneStepGenerator(net, sigmas[0]), noise, labels, sigmas, renoise)
     return encoder.decode(x), None if labels is None else labels.cpu().numpy()
 
 

@@ -26,7 +26,9 @@ LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze":
 
 
 class OneStepGenerator(nn.Module):
-    """G(z, labels) = D_G(sigma_max z, sigma_max, labels) (papers.md, DMD "Generator G").
+    """G(z, labels) = D_G(sigma_max z, sigma_max, labels) (papers.md, DMD "Generator G"; DMD's
+    sigma_max is 80, the teacher's; a lower one, as SiD's 2.5, starts G where the teacher's output
+    still depends on z).
 
     `net` is a Denoiser, possibly wrapped by DDP; it is only called, so the wrapper sees every
     use. state_dict keys are the Denoiser's under the prefix "net." (plus "module." under DDP).

@@ -61,7 +61,7 @@ def head_node():
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on SIGTERM
         try:
-            head.wait(timeout=60)
+            head.wait(timeout=5)  # a graceful stop takes half a minute; the group is killed below, its temp dir removed
         except subprocess.TimeoutExpired:
             pass
         subprocess.run(["pkill", "-KILL", "-g", str(head.pid)], check=False)  # stragglers of the group

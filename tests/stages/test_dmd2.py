@@ -184,6 +184,39 @@ def test_a_students_noise_levels_are_the_head_of_a_karras_schedule():
     assert student_sigmas(4) == pytest.approx([80.0, 17.53, 2.515, 0.1698], rel=1e-3)
 
 
+
+def test_sigma_init_moves_the_students_first_level_in_training_the_manifest_and_sampling(pairs_cfg):
+    """G(z) = D(s z, s) at s = distill.sigma_init, from the start of training to evaluate's samples."""
+    assert student_sigmas(2, 2.5) == pytest.approx([2.5, (2.5 ** (1 / 7) / 2 + 0.002 ** (1 / 7) / 2) ** 7])
+    args = _args(pairs_cfg, sigma_init=2.5)
+    nets = D.build_nets(args, torch.device("cpu"))
+    nets.generator.eval()
+    z, labels = D._latents(4, nets.real, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(nets.generator(z, labels), nets.real(2.5 * z, torch.full((4,), 2.5), labels))
+    cfg = C.load_config("ci", [*TINY, "distill.sigma_init=2.5", "distill.duration_nimg=16"], storage=pairs_cfg.storage)
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    model = student_model(_artifact(cfg, "distill"))
+    assert model.sigmas == (2.5,)
+    net = load_network(_artifact(cfg, "distill"), "student")
+    encoder = encoder_from_info(_artifact(cfg, "encode").manifest()["outputs"]["encoder"])
+    images, _ = generate(model, net, [5, 6], encoder, "cpu")
+    noise, seeded_labels = seeded_noise([5, 6], (3, 16, 16), net.num_classes, "cpu")
+    with torch.no_grad():
+        x = net(2.5 * noise, torch.full((2,), 2.5), seeded_labels)
+    assert np.array_equal(images, encoder.decode(x))
+    with pytest.raises(ValueError, match="distill.sigma_init"):
+        C.load_config("ci", ["distill.sigma_init=0"])
+
+
+def test_adam_beta1_is_both_optimizers_first_moment_decay(pairs_cfg):
+    for beta1 in (0.0, 0.5):
+        nets = D.build_nets(_args(pairs_cfg, adam_beta1=beta1), torch.device("cpu"))
+        for opt in (nets.opt_g, nets.opt_f):
+            assert [g["betas"] for g in opt.param_groups] == [(beta1, 0.999)]
+    with pytest.raises(ValueError, match="distill.adam_beta1"):
+        C.load_config("ci", ["distill.adam_beta1=1"])
+
 def test_backward_simulation_is_the_students_own_earlier_step_renoised(pairs_cfg):
     args = _args(pairs_cfg, student_steps=2)
     nets = D.build_nets(args, torch.device("cpu"))

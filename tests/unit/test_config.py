@@ -1,6 +1,7 @@
 import pytest
 
 from pipeline import config as C
+from pipeline import dag
 
 
 def test_presets_load_and_ci_inherits_demo():
@@ -77,3 +78,12 @@ def test_float_fields_take_exponents_without_a_dot():
     assert C.load_config("ci", ["teacher.lr=1e-3"]).teacher.lr == 0.001
     with pytest.raises(ValueError, match="teacher.lr: expected float"):
         C.load_config("ci", ["teacher.lr=fast"])
+
+
+def test_the_dmd2_preset_is_the_demo_with_dmd2_and_shares_its_teacher():
+    demo, dmd2 = C.load_config("demo", storage="/tmp/x"), C.load_config("dmd2", storage="/tmp/x")
+    assert (dmd2.distill.method, dmd2.distill.lambda_reg, dmd2.pairs.num_pairs) == ("dmd2", 0, 0)
+    assert dmd2.distill.duration_nimg == demo.distill.duration_nimg and dmd2.eval == demo.eval
+    demo_keys, dmd2_keys = dag.cache_keys(dag.graph(), demo), dag.cache_keys(dag.graph(), dmd2)
+    same = {stage for stage in demo_keys if demo_keys[stage] == dmd2_keys[stage]}
+    assert same == {"encode", "probe", "refstats", "teacher", "phema"}  # one storage holds both students
