@@ -62,7 +62,8 @@ def student_sigmas(steps: int, sigma_max: float = SIGMA_MAX, sigma_min: float = 
     """A `steps`-step student's fixed noise levels (DMD2's multi-step generator): the first `steps` of a
     Karras schedule of steps + 1 levels from sigma_max to sigma_min; [80] for one step, [80, 2.52] for
     two, [80, 17.5, 2.52, 0.17] for four."""
-    return [float(s) for s in time_steps(steps + 1, sigma_min, sigma_max, rho)[:steps]]
+    levels = [float(s) for s in time_steps(steps + 1, sigma_min, sigma_max, rho)[:steps]]
+    return [float(sigma_max), *levels[1:]]  # exactly sigma_max first: (s^(1/rho))^rho is off by rounding
 
 
 def student_sample(generator: nn.Module, noise: torch.Tensor, labels: torch.Tensor | None, sigmas: list[float],
