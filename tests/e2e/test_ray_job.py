@@ -1,6 +1,7 @@
 """`ray job submit` of the ci preset to a head node started from this venv, as a user would:
 artifacts on the moto S3 server, credentials passed from the environment at submit time
-(`onestep runtime-env`), never written into a file. Then a rerun from here is fully cached."""
+(`onestep runtime-env`), never written into a file. The whole DAG's outputs and report are checked,
+then a rerun from here is fully cached. (This is the suite's one whole-DAG run under Ray.)"""
 
 import json
 import os
@@ -14,6 +15,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipeline import config as C
@@ -104,7 +106,27 @@ def test_ray_job_submit_runs_the_ci_dag_on_s3(head_node, s3_bucket):
     st = store.Store(storage)
     for stage, key in keys.items():
         assert st.artifact(stage, key).state() == "done", stage
+    _check_report(st.artifact("evaluate", keys["evaluate"]), logs)
     for stage in ("teacher", "distill"):  # Ray Train's checkpoints, written to S3 through pyarrow
         files = store.walk_files(st.artifact(stage, keys[stage]).path("checkpoints"))
         assert any(f.startswith(f"{storage}/") and "/checkpoint_" in f and f.endswith("/state.pt") for f in files), files
     assert dag.run(cfg, executor=None, dry_run=True).to_run == []  # a rerun is fully cached
+
+
+def _check_report(report: store.Artifact, logs: str) -> None:
+    """The ci DAG's evaluation: the probe's metrics for each model, the report, the grids, and the
+    run's closing lines (where the report is, the student/teacher ratio)."""
+    outputs = report.manifest()["outputs"]
+    assert outputs["metric"] == "fd_probe"  # the demo's and ci's metrics: no downloads, the probe's features
+    assert [(m["model"], m["sigma_rel"], m["nfe"]) for m in outputs["models"]] == [
+        ("teacher", 0.05, 15), ("teacher", 0.1, 15), ("student", None, 1), ("real", None, 0)]
+    md = store.read_bytes(report.path("report.md")).decode()
+    assert "Best teacher EMA length by FD probe" in md and "inception: not computed" in md
+    best = min(m["fd_probe"] for m in outputs["models"][:2])
+    assert outputs["student_over_best_teacher"] == round(outputs["models"][2]["fd_probe"] / best, 4)
+    assert f"**{outputs['student_over_best_teacher']:.2f}x** the best teacher's (1 vs 15" in md
+    for m in outputs["models"]:
+        assert report.exists(m["grid"]) and m["fd_inception"] is None and m["fd_dinov2"] is None
+        assert all(np.isfinite(m[k]) for k in ("fd_probe", "class_accuracy", "precision", "recall")), m
+    assert f"report: {report.path('report.md')}" in logs
+    assert f"{outputs['student_over_best_teacher']:.2f}x the best teacher variant's" in logs
