@@ -4,10 +4,10 @@
 
 G(z, label) = D_G(s z, s, label) with s = `sigma_init` (DMD: the teacher's sigma_max, 80),
 initialised from the teacher variant that made the pairs; the real score is that teacher, frozen;
-the fake score is a trainable copy trained on G's detached outputs with the teacher's own loss. Each generator step combines
-the distribution-matching loss on a fresh batch with `lambda_reg` x LPIPS regression on a
-separate batch of pairs (papers.md, DMD). `fake_updates_per_gen` > 1 is DMD2's two
-time-scale rule. `method: dmd2` replaces the regression by DMD2's GAN term: a discriminator head on
+the fake score is a trainable copy trained on G's detached outputs with the teacher's own loss.
+Each generator step combines the distribution-matching loss on a fresh batch with `lambda_reg` x
+LPIPS regression on a separate batch of pairs (papers.md, DMD). `fake_updates_per_gen` > 1 is
+DMD2's two time-scale rule. `method: dmd2` replaces the regression by DMD2's GAN term: a discriminator head on
 the fake score's bottleneck features (pipeline/diffusion/gan.py), trained with the fake score on
 real images (the encode shards) and G's, noised at the same sigma; G adds `gan_g_weight` x its
 non-saturating GAN loss. Checkpoints, resume and failures work as in the teacher stage.
