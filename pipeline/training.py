@@ -1,11 +1,11 @@
-"""Pieces every training loop (teacher, distill) shares: seeding, checkpoints, weights, metrics.
+"""Pieces every training loop (teacher, distill) shares: checkpoints, metrics, divergence guards,
+mixed precision.
 
 No Ray here: a loop gets a `TrainSession` from the executor; storage goes through `store`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -16,20 +16,12 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import safetensors.torch
 import torch
 
 from pipeline import store
-from pipeline.models.edm2 import Denoiser, build_denoiser
 
 STATE_FILE = "state.pt"
 STATE_CHECKSUM = "state.xxh3"
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from (seed, rank, images seen, ...): independent streams per tuple."""
-    digest = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 1
 
 
 def zero_nonfinite_grads_(params: Iterable[torch.nn.Parameter]) -> bool:
@@ -145,20 +137,6 @@ def load_state(directory: str) -> dict[str, Any]:
         raise damaged(f"cannot be read ({type(e).__name__}: {e})") from e
 
 
-def weights_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    return safetensors.torch.save({k: v.detach().cpu().contiguous() for k, v in state.items()})
-
-
-def read_weights(url: str) -> dict[str, torch.Tensor]:
-    """A safetensors file (network, snapshot, variant); a damaged one is an error naming it and the fix."""
-    data = store.read_bytes(url)  # checked against its manifest's checksum, once committed
-    try:
-        return safetensors.torch.load(data)
-    except (safetensors.SafetensorError, ValueError) as e:
-        raise store.ChecksumMismatch(f"{store.redact(url)} cannot be read ({type(e).__name__}: {e}): it is damaged; "
-                                     f"{store.damage_hint(url)}") from e
-
-
 CPU_BF16 = "ONESTEP_CPU_BF16"  # =1: the GPUs' bf16 autocast on CPUs too (tests; slow on most CPUs)
 
 
@@ -166,36 +144,6 @@ def mixed_precision(device: torch.device) -> torch.autocast:
     """bf16 autocast on GPUs: bf16 matmuls and convolutions, fp32 weights and losses. Off on CPUs unless
     $ONESTEP_CPU_BF16=1, which runs the same regions in bf16 so that CPU tests catch dtype bugs."""
     return torch.autocast(device.type, torch.bfloat16, enabled=device.type == "cuda" or os.environ.get(CPU_BF16) == "1")
-
-
-def save_network(artifact: store.Artifact, name: str, net: Denoiser, state: dict[str, torch.Tensor] | None = None) -> None:
-    """`{name}.safetensors` (weights) and `{name}.json` (the config that rebuilds the network)."""
-    with artifact.open(f"{name}.safetensors", "wb") as f:
-        f.write(weights_bytes(net.state_dict() if state is None else state))
-    artifact.write_json(f"{name}.json", net.config)
-
-
-def load_network(artifact: store.Artifact, name: str, weights: str | None = None) -> Denoiser:
-    """The network saved by `save_network` (or other weights for the same config), in eval mode."""
-    net = build_denoiser(**artifact.read_json(f"{name}.json"))
-    net.load_state_dict(read_weights(artifact.path(weights or f"{name}.safetensors")))
-    return net.eval().requires_grad_(False)
-
-
-def load_guide(url: str) -> Denoiser:
-    """A guiding network: a folder with network.json + network.safetensors, or an EDM2 release .pkl."""
-    if url.endswith(".pkl"):
-        from pipeline.models.edm2_release import release_network
-
-        return release_network(url)[0]
-    return load_network(store.Artifact(url), "network")
-
-
-def check_guide(url: str, field: str) -> None:
-    """Before any sampling: the guide is where `field` says."""
-    if not store.exists(url if url.endswith(".pkl") else store.join(url, "network.json")):
-        raise ValueError(f"{field} = {store.redact(url)}: no EDM2 release .pkl, or folder with network.json + "
-                         "network.safetensors, there: fix the URL (or set the guidance to 1 and drop the guide)")
 
 
 class MetricsLog:

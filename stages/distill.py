@@ -36,9 +36,11 @@ from pipeline.diffusion.loss import edm2_error, sample_sigma
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
-from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_guide,
-                               load_network, load_state, mix_seed, mixed_precision, save_network, save_state,
-                               train_guarded, zero_nonfinite_grads_)
+from pipeline.models.edm2_release import load_guide
+from pipeline.seeds import mix_seed
+from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_state,
+                               mixed_precision, save_state, train_guarded, zero_nonfinite_grads_)
+from pipeline.weights import load_network, save_network
 
 VERSION = "4"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G; 4: dmd2
 UPSTREAM = ("encode", "teacher", "phema", "pairs")

@@ -29,6 +29,7 @@ from pipeline.config import EvalConfig
 from pipeline.dag import StageContext
 from pipeline.data.encoders import decode_images, encoder_from_info
 from pipeline.data.shards import read_samples
+from pipeline.data.split import read_split
 from pipeline.diffusion.dmd import SIGMA_MAX, OneStepGenerator, student_sample
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import Resources
@@ -37,9 +38,9 @@ from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.precision_recall import precision_recall
 from pipeline.metrics.probe import ProbeFeatures
 from pipeline.store import Artifact
-from pipeline.training import load_network as load_denoiser
-from pipeline.training import mix_seed
-from stages.probe import load_probe, read_split
+from pipeline.seeds import evaluation_seeds, mix_seed
+from pipeline.weights import load_network as load_denoiser
+from pipeline.weights import load_probe
 
 VERSION = "2"  # 2: the probe's metrics, the real row, several feature networks, per-class grids
 UPSTREAM = ("encode", "probe", "refstats", "teacher", "phema", "distill")
@@ -193,7 +194,7 @@ def evaluate_range(job: EvalJob, item: tuple[int, int, int]) -> dict[str, Any]:
     else:
         net = load_denoiser(model.artifact, model.config_name, model.weights).to(job.device)
         for lo in range(start, stop, job.batch):
-            tally.add(*generate(model, net, list(range(lo, min(lo + job.batch, stop))), encoder, job.device))
+            tally.add(*generate(model, net, evaluation_seeds(lo, min(lo + job.batch, stop)), encoder, job.device))
         grid = _model_grid(job, model, net, encoder) if start == 0 else None
     return {"model": index, **tally.result(), "grid": grid, "real": real, "seconds": time.perf_counter() - begin}
 

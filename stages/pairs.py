@@ -24,7 +24,8 @@ from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import Resources
 from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
-from pipeline.training import check_guide, load_guide, load_network
+from pipeline.models.edm2_release import check_guide, load_guide
+from pipeline.weights import load_network
 
 VERSION = "1"
 UPSTREAM = ("phema",)

@@ -29,11 +29,13 @@ from pipeline.config import ProbeConfig
 from pipeline.dag import StageContext
 from pipeline.data.encoders import decode_images, encoder_from_info
 from pipeline.data.shards import read_samples
+from pipeline.data.split import write_split
 from pipeline.executor import Resources
 from pipeline.metrics.fid import FeatureStats
 from pipeline.metrics.probe import ProbeNet, ProbeTraining, embed, holdout_mask, to_input, train_probe
 from pipeline.store import Artifact
-from pipeline.training import mix_seed, read_weights, weights_bytes
+from pipeline.seeds import mix_seed
+from pipeline.weights import weights_bytes
 
 VERSION = "1"
 UPSTREAM = ("encode",)
@@ -113,18 +115,6 @@ def train_task(job: TrainJob, data: dict[str, np.ndarray]) -> dict[str, Any]:
             "epoch_losses": [round(v, 5) for v in losses]}
 
 
-def load_probe(artifact: Artifact) -> ProbeNet:
-    """The trained probe of a probe artifact, in eval mode."""
-    net = ProbeNet(**artifact.read_json("probe.json"))
-    net.load_state_dict(read_weights(artifact.path("probe.safetensors")))
-    return net.eval().requires_grad_(False)
-
-
-def read_split(artifact: Artifact) -> pa.Table:
-    """split.parquet: index, shard, position, label, holdout of every sample the probe used."""
-    return pq.read_table(io.BytesIO(artifact.read_bytes("split.parquet")))
-
-
 def _selected(encode: Artifact, num_images: int) -> pa.Table:
     table = pq.read_table(io.BytesIO(encode.read_bytes("index.parquet")), columns=["key", "shard", "label"])
     return table.slice(0, num_images or len(table))
@@ -157,14 +147,6 @@ def _decode(ctx: StageContext, cfg: ProbeConfig, encode: Artifact, resolution: i
     return data
 
 
-def _write_split(artifact: Artifact, data: dict[str, np.ndarray]) -> None:
-    table = pa.table({k: data[k] for k in ("index", "shard", "position", "label", "holdout")})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    with artifact.open("split.parquet", "wb") as f:
-        f.write(buf.getvalue())
-
-
 def run(ctx: StageContext, cfg: ProbeConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
     if not cfg.enabled:
         ctx.log.warning("probe: disabled (probe.enabled=false): evaluate reports no probe metrics")
@@ -181,7 +163,7 @@ def run(ctx: StageContext, cfg: ProbeConfig, inputs: dict[str, Artifact]) -> dic
                          f"probe.holdout ({cfg.holdout}) or probe.num_images ({cfg.num_images})")
     ctx.log.info("probe: %d training and %d held-out images at %d px, %d classes", train, held, resolution,
                  encode["num_classes"])
-    _write_split(ctx.artifact, data)
+    write_split(ctx.artifact, data)
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
     job = TrainJob(ctx.artifact, cfg, encode["num_classes"], resolution, ctx.seed, device)
     [result] = ctx.map(partial(train_task, job), [{k: data[k] for k in ("x", "label", "holdout")}], resources,

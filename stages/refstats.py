@@ -33,7 +33,7 @@ from pipeline.metrics.dinov2 import DINOV2_DIM
 from pipeline.metrics.fid import FEATURE_DIM, FeatureStats
 from pipeline.models import edm2_release
 from pipeline.store import Artifact
-from pipeline.training import mix_seed
+from pipeline.seeds import mix_seed
 
 VERSION = "2"  # 2: several networks (Inception, DINOv2), each where its weights can be had
 UPSTREAM = ("encode",)

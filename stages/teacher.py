@@ -31,9 +31,10 @@ from pipeline.diffusion.loss import edm2_loss, sample_sigma
 from pipeline.diffusion.phema import PowerFunctionEMA
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.store import Artifact
+from pipeline.seeds import mix_seed
 from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_state,
-                               mix_seed, mixed_precision, save_network, save_state, train_guarded, weights_bytes,
-                               zero_nonfinite_grads_)
+                               mixed_precision, save_state, train_guarded, zero_nonfinite_grads_)
+from pipeline.weights import save_network, weights_bytes
 from pipeline.models.edm2 import Denoiser, build_denoiser
 
 VERSION = "2"  # 2: attention reads qkv in EDM2's channel order

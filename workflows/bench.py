@@ -50,7 +50,8 @@ from pipeline.diffusion.phema import reconstruct  # noqa: E402
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise  # noqa: E402
 from pipeline.executor import DDPJob, InlineExecutor, RayExecutor, init_ray  # noqa: E402
 from pipeline.models.edm2 import Denoiser, build_denoiser  # noqa: E402
-from pipeline.training import gather_metrics, read_weights, save_network, weights_bytes  # noqa: E402
+from pipeline.training import gather_metrics  # noqa: E402
+from pipeline.weights import read_weights, save_network, weights_bytes  # noqa: E402
 from stages import distill as D  # noqa: E402
 from stages import pairs as P  # noqa: E402
 from stages import phema as PH  # noqa: E402

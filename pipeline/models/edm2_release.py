@@ -24,6 +24,8 @@ import numpy as np
 import torch
 
 from pipeline import store
+from pipeline.models.edm2 import Denoiser, build_denoiser
+from pipeline.weights import load_network, save_network
 
 
 class UnsafePickleError(pickle.UnpicklingError, ValueError):
@@ -201,8 +203,6 @@ def network_state(record: Persistent) -> dict[str, torch.Tensor]:
 
 def release_network(url: str, key: str = "ema") -> tuple[Any, Any]:
     """(onestep's network with the release's weights, float32; the file's top-level object)."""
-    from pipeline.models.edm2 import build_denoiser
-
     top = load(url)
     record = top.get(key) if isinstance(top, dict) else top
     if not isinstance(record, Persistent):
@@ -220,11 +220,23 @@ def release_network(url: str, key: str = "ema") -> tuple[Any, Any]:
 def import_network(url: str, out: str, key: str = "ema") -> dict[str, Any]:
     """Write `out/network.json` and `out/network.safetensors` (the format the stages read) from an EDM2
     release pickle at `url` (its `key` entry, `ema` in EDM2's files); returns the network config."""
-    from pipeline.training import save_network
-
     net, _ = release_network(url, key)
     save_network(store.Artifact(out), "network", net)  # as the teacher stage writes its network
     return net.config
+
+
+def load_guide(url: str) -> Denoiser:
+    """A guiding network: a folder with network.json + network.safetensors, or an EDM2 release .pkl."""
+    if url.endswith(".pkl"):
+        return release_network(url)[0]
+    return load_network(store.Artifact(url), "network")
+
+
+def check_guide(url: str, field: str) -> None:
+    """Before any sampling: the guide is where `field` says."""
+    if not store.exists(url if url.endswith(".pkl") else store.join(url, "network.json")):
+        raise ValueError(f"{field} = {store.redact(url)}: no EDM2 release .pkl, or folder with network.json + "
+                         "network.safetensors, there: fix the URL (or set the guidance to 1 and drop the guide)")
 
 
 # --- the DAG entry: a released teacher instead of training one -----------------------------------
@@ -289,8 +301,6 @@ def check_dataset(net: Any, encode: dict[str, Any], url: str) -> None:
 def release_teacher(url: str, artifact: store.Artifact, encode: dict[str, Any]) -> dict[str, Any]:
     """The teacher stage for `teacher.source: edm2-release`: the released post-hoc reconstruction,
     checked against the encode artifact and written as the teacher's `network`."""
-    from pipeline.training import save_network
-
     nimg, sigma_rel = _time_and_length(url, RECONSTRUCTION_NAME, "post-hoc reconstructions")
     net, top = release_network(url)
     check_dataset(net, encode, url)

@@ -14,7 +14,8 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.diffusion.dmd import OneStepGenerator
 from pipeline.executor import InlineExecutor, InlineSession
-from pipeline.training import Diverged, load_network
+from pipeline.training import Diverged
+from pipeline.weights import load_network
 from helpers import DISTILL_TINY, DMD2, save_tiny_decoder, save_tiny_vae
 
 def _cfg(storage: str, *extra: str) -> C.Config:

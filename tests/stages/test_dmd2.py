@@ -15,7 +15,7 @@ from pipeline.data.encoders import encoder_from_info
 from pipeline.diffusion.dmd import OneStepGenerator, student_sigmas
 from pipeline.diffusion.gan import DiscriminatorHead, ScoreWithHead
 from pipeline.diffusion.sampler import seeded_noise
-from pipeline.training import load_network
+from pipeline.weights import load_network
 from stages.evaluate import generate, student_model
 from pipeline.executor import InlineExecutor
 from stages import distill as D

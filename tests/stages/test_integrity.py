@@ -11,7 +11,8 @@ from pipeline import cli, dag, integrity, store
 from pipeline import config as C
 from pipeline.data.shards import _VERIFIED, reader
 from pipeline.executor import InlineExecutor, RayExecutor
-from pipeline.training import STATE_CHECKSUM, STATE_FILE, load_state, read_weights, save_state
+from pipeline.training import STATE_CHECKSUM, STATE_FILE, load_state, save_state
+from pipeline.weights import read_weights
 from stages import encode as E
 
 SMALL = ["encode.num_images=200", "encode.shard_size=100", "teacher.batch=16", "teacher.checkpoint_nimg=32",

@@ -10,7 +10,7 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import InlineExecutor, RayExecutor
-from pipeline.training import load_network
+from pipeline.weights import load_network
 from stages.pairs import read_pairs
 
 from helpers import PAIRS_TINY

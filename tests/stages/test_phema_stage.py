@@ -12,7 +12,7 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.diffusion.phema import solve_coefficients
 from pipeline.executor import InlineExecutor, Resources
-from pipeline.training import load_network, read_weights
+from pipeline.weights import load_network, read_weights
 from stages import phema as P
 
 # 8 steps of 4 images; both EMAs (0.05, 0.10) snapshotted every 8 images: 4 times, 8 snapshots.

@@ -15,7 +15,8 @@ from pipeline.data.shards import reader
 from pipeline.executor import InlineExecutor
 from pipeline.metrics.probe import embed, holdout_mask, to_input
 from stages.evaluate import EvalJob, Model, References, Tally, score
-from stages.probe import load_probe, read_split
+from pipeline.data.split import read_split
+from pipeline.weights import load_probe
 
 # 2000 16-px shapes (10 classes), 400 held out; a probe small enough to train in seconds.
 PROBE = ["encode.num_images=2000", "encode.shard_size=700", "probe.holdout=0.2", "probe.epochs=20", "probe.batch=32",

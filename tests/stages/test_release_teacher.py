@@ -15,7 +15,7 @@ from pipeline.diffusion.phema import solve_coefficients
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import InlineExecutor
 from pipeline.models.edm2 import build_denoiser
-from pipeline.training import load_network, read_weights
+from pipeline.weights import load_network, read_weights
 from stages.pairs import read_pairs
 
 from helpers import write_release

@@ -13,7 +13,8 @@ from pipeline.data.shards import reader
 from pipeline.diffusion.loss import edm2_loss
 from pipeline.executor import DDPJob, InlineExecutor, InlineSession, RayExecutor
 from pipeline.models.edm2 import MPConv
-from pipeline.training import STATE_FILE, Diverged, load_network, read_weights
+from pipeline.training import STATE_FILE, Diverged
+from pipeline.weights import load_network, read_weights
 from stages import teacher as T
 
 STEPS_CFG = ["encode.num_images=200", "encode.shard_size=100", "teacher.batch=16",

@@ -13,7 +13,7 @@ import torch
 from pipeline import cli
 from pipeline.models import edm2_release as R
 from pipeline.models.edm2 import build_denoiser
-from pipeline.training import read_weights
+from pipeline.weights import read_weights
 
 from helpers import EDM2_KWARGS, EasyDict, Precond
 
