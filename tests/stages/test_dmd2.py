@@ -82,7 +82,7 @@ def _args(cfg: C.Config, **distill: object) -> D.DistillArgs:
     teacher = _artifact(cfg, "teacher").manifest()["config"]
     loss = {k: teacher[k] for k in ("P_mean", "P_std", "weighting", "min_snr_gamma", "use_uncertainty")}
     return D.DistillArgs(replace(cfg.distill, **distill), loss, phema, "phema-0.1000.safetensors", "", [], [],
-                         encode["encoder"], _artifact(cfg, "distill"), 0)
+                         encode["encoder"], None, _artifact(cfg, "distill"), 0)
 
 
 def test_the_heads_update_leaves_g_alone_and_gs_update_leaves_the_head_and_fake_score_alone(pairs_cfg):
@@ -153,7 +153,7 @@ def _gaussian_run(gan_g_weight: float, steps: int = 150) -> float:
                           reg_batch=64, duration_nimg=64, checkpoint_nimg=64, log_nimg=64, grad_clip=1e9,
                           fake_updates_per_gen=2)
     args = D.DistillArgs(cfg, {"P_mean": -0.4, "P_std": 1.0, "weighting": "edm2", "min_snr_gamma": 5.0,
-                               "use_uncertainty": False}, None, "", "", [], [], {}, None, 0)
+                               "use_uncertainty": False}, None, "", "", [], [], {}, None, None, 0)
     teacher = GaussianScore(0.0, trainable=False)
     fake = ScoreWithHead(GaussianScore(0.0, trainable=True), DiscriminatorHead(2, hidden=16))
     generator = ShiftGenerator(0.0)
