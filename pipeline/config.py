@@ -256,6 +256,7 @@ class DistillConfig:
 
     lr: float = 2e-6  # generator and fake score (AdamW, betas (adam_beta1, 0.999), weight decay 0.01)
     fake_lr: float = 2e-6
+    lr_rampup_nimg: int = 0  # the generator's lr grows linearly over this many images (0: none)
     adam_beta1: float = 0.9  # DMD: 0.9; 0 (as GANs are trained) damps the two players' oscillation in short runs
     weight_decay: float = 0.01
     grad_clip: float = 10.0
@@ -332,8 +333,8 @@ class DistillConfig:
     def _check_validation(self) -> None:
         _check_choice("distill", "keep", self.keep, ("best", "last"))
         _check_positive("distill", val_images=self.val_images, val_batch=self.val_batch)
-        if self.val_every_nimg < 0 or self.early_stop_patience < 0:
-            raise ValueError("distill.val_every_nimg and distill.early_stop_patience must be >= 0 (0 = off)")
+        if self.val_every_nimg < 0 or self.early_stop_patience < 0 or self.lr_rampup_nimg < 0:
+            raise ValueError("distill.val_every_nimg, early_stop_patience and lr_rampup_nimg must be >= 0 (0 = off)")
         if self.val_every_nimg % self.log_nimg:
             raise ValueError(f"distill.val_every_nimg = {self.val_every_nimg} must be a multiple of distill.log_nimg "
                              f"= {self.log_nimg} (a validation's figures go into that log row)")

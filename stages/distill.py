@@ -186,6 +186,12 @@ def _dm_loss(nets: Nets, x: torch.Tensor, labels: torch.Tensor | None, args: Dis
                                       guidance=args.cfg.guidance, guide=nets.guide)
 
 
+def generator_lr(cfg: DistillConfig, nimg: int) -> float:
+    """G's learning rate for the step after `nimg` images: a linear warm-up over `lr_rampup_nimg`, so that the
+    fake score, which starts as the teacher, can follow G's first moves."""
+    return cfg.lr * min((nimg + cfg.batch) / cfg.lr_rampup_nimg, 1.0) if cfg.lr_rampup_nimg else cfg.lr
+
+
 def _g_step(nets: Nets, loss: torch.Tensor, args: DistillArgs) -> tuple[float, bool]:
     return _step(nets.opt_g, loss, [p for p in nets.generator.parameters() if p.requires_grad], args.cfg.grad_clip)
 
@@ -310,16 +316,20 @@ def validate(session: TrainSession, args: DistillArgs, nets: Nets, val: Validati
     net, cfg = nets.generator.denoiser, args.cfg
     sigmas = student_sigmas(cfg.student_steps, cfg.sigma_init)
     net.eval()
+    start = time.perf_counter()
     try:
         figures = score(lambda seeds: seeded_student_sample(net, sigmas, seeds, session.device), val.decode, val.probe,
                         val.reference, val.seeds, cfg.val_batch, session.all_reduce, session.device)
     finally:
         net.train()
     watch.add(nimg, figures, net.state_dict)
+    row = {f"val_{k}": float(v) for k, v in figures.items() if v is not None and k != "count"}
+    row["val_seconds"] = time.perf_counter() - start  # validation's cost, beside the steps' img_per_s
+    session.report({"nimg": nimg, **row}, None)  # every rank: a sweep's scheduler (Ray Tune) reads it
     if watch.stopped and session.rank == 0:
         sys.stdout.write(f"distill: stopping early at {nimg} images: {watch.stopped}; keeping the student of "
                          f"{watch.best['nimg']} images\n")
-    return {f"val_{k}": float(v) for k, v in figures.items() if v is not None and k != "count"}
+    return row
 
 
 def _validation_due(cfg: DistillConfig, nimg: int) -> bool:
@@ -354,7 +364,10 @@ def _train_chunk(session: TrainSession, args: DistillArgs, nets: Nets, gen_model
     tick, sums = time.perf_counter(), []
     for _ in range(steps):
         torch.manual_seed(mix_seed(args.seed, rank, nimg))
-        sums.append(step())
+        lr = generator_lr(cfg, nimg)
+        for group in nets.opt_g.param_groups:
+            group["lr"] = lr
+        sums.append({**step(), "lr": lr})
         if not guard.reference:  # this process's first step: the scale the guard holds losses to
             first = _row(session, sums[-1:], nimg, 0, 1.0)
             guard.start(loss_g=first["loss_g"], loss_fake=first["loss_fake"])

@@ -241,7 +241,8 @@ def test_a_two_step_student_trains_and_samples_with_its_two_steps(pairs_cfg):
     dag.run(cfg, until="distill", executor=InlineExecutor())
     distill = _artifact(cfg, "distill")
     assert distill.manifest()["outputs"]["student"] == {"file": "student.safetensors", "config": "student.json",
-                                                        "nfe": 2, "sigmas": student_sigmas(2)}
+                                                        "nfe": 2, "sigmas": student_sigmas(2), "nimg": 16,
+                                                        "keep": "last"}
     model = student_model(distill)
     assert (model.nfe, model.label, model.sigmas) == (2, "student (2 steps)", tuple(student_sigmas(2)))
     net = load_network(distill, "student")

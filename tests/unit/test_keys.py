@@ -10,10 +10,10 @@ from pipeline import dag
 KEYS = {
     "demo": {"encode": "319065ca302e3bb0", "probe": "2adf7474bc916042", "refstats": "9ff3c7cf8d20e5a1",
              "teacher": "6b13eae12d16f781", "phema": "a6dc8278695fde94", "pairs": "044406d9a17d09fa",
-             "distill": "8dfaaa8c0015779f", "evaluate": "29839b699bc712b8"},
+             "distill": "73cdaa59391ba9c7", "evaluate": "542f9d083bbd1d94"},
     "ci": {"encode": "9803d7685336406c", "probe": "30590b34f7bb240b", "refstats": "72afa5dca41ddfeb",
            "teacher": "fc9faaadd1e2241a", "phema": "20ddd9a9fecc3108", "pairs": "2dbb5453f5cb5479",
-           "distill": "d21a1a6502aa7304", "evaluate": "81b937764b67b826"},
+           "distill": "45d1d2b36672824b", "evaluate": "8facd96bf05e7952"},
 }
 
 

@@ -110,7 +110,7 @@ def distill_args(preset: str, root: str, method: str = "dmd") -> D.DistillArgs:
     distill = dataclasses.replace(cfg.distill, **DMD2_SETTINGS) if method == "dmd2" else cfg.distill
     teacher = teacher_artifact(root, preset_network(preset))
     return D.DistillArgs(distill, {k: getattr(cfg.teacher, k) for k in LOSS_KEYS}, teacher, "network.safetensors",
-                         "", [], [], RgbEncoder().info(), store.Artifact(f"{root}/distill"), 0)
+                         "", [], [], RgbEncoder().info(), None, store.Artifact(f"{root}/distill"), 0)
 
 
 def pair_batches(net: Denoiser, reg_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
