@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.seeds import PAIRS_SEED_BASE, VALIDATION_SEED_BASE
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "workflows" / "configs"
 
 
@@ -234,7 +236,7 @@ class PairsConfig:
     # The guiding network (e.g. an unconditional teacher): a folder with network.json + network.safetensors,
     # or an EDM2 release .pkl (e.g. edm2-img512-xs-uncond-2147483-0.045.pkl)
     guide: str = content()
-    seed: int = 0  # pair i uses seed `seed + i`
+    seed: int = PAIRS_SEED_BASE  # pair i uses seed `seed + i` (pipeline/seeds.py: apart from evaluate's and validation's)
     pairs_per_shard: int = 1000
     batch: int = throughput(64)
     num_cpus: float = throughput(1.0)
@@ -414,10 +416,21 @@ class Config:
             raise ValueError("distill.method=dmd regresses onto pairs (distill.lambda_reg = "
                              f"{self.distill.lambda_reg}) but pairs.num_pairs = 0: set pairs.num_pairs, "
                              "or distill.lambda_reg=0")
+        self._check_pair_seeds()
         if self.distill.val_every_nimg and not self.probe.enabled:
             raise ValueError("distill validation scores samples with the probe, but probe.enabled = false: set "
                              "distill.val_every_nimg=0 distill.keep=last (no validation), or enable the probe")
         _check_positive("config", max_in_flight=self.max_in_flight, lease_timeout_s=self.lease_timeout_s)
+
+
+    def _check_pair_seeds(self) -> None:
+        """The pairs' noise must not be evaluate's or validation's: a student scored on the noise it was
+        regressed on looks closer to its teacher than it is (torch keeps a seed's low 32 bits only)."""
+        lo, hi = self.pairs.seed, self.pairs.seed + self.pairs.num_pairs
+        if self.pairs.num_pairs and (lo < self.eval.num_images or hi > VALIDATION_SEED_BASE):
+            raise ValueError(f"pairs.seed = {lo}: the pairs' seeds [{lo}, {hi}) overlap evaluate's [0, "
+                             f"{self.eval.num_images}) or validation's (from {VALIDATION_SEED_BASE}): leave pairs.seed at "
+                             f"its default {PAIRS_SEED_BASE}")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from pipeline import store
 from pipeline.diffusion.loss import LossOutput, edm2_loss
-from pipeline.diffusion.sampler import Denoiser, guided, seeded_noise, time_steps
+from pipeline.diffusion.sampler import Denoiser, guided, seeded_draws, time_steps
 
 SIGMA_MAX = 80.0  # DMD: G(z) = D(sigma_max z, sigma_max) for an EDM teacher
 DM_EPS = 1e-8  # guards the per-sample normaliser of the DM gradient
@@ -79,13 +79,12 @@ def student_sample(generator: nn.Module, noise: torch.Tensor, labels: torch.Tens
 def seeded_student_sample(net: nn.Module, sigmas: list[float], seeds: list[int], device: torch.device | str,
                           labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images [B, C, H, W], labels [B] or None) of a student `net` (a Denoiser) with noise levels
-    `sigmas` for these seeds: noise and label from each seed's generator (`labels`, if given, replace
-    the drawn ones), the re-noising of step k from seed + k * 2^32, so a sample is the same in any batch."""
+    `sigmas` for these seeds: noise, label and each later step's re-noising from each seed's generator
+    (`labels`, if given, replace the drawn ones), so a sample is the same in any batch."""
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    noise, drawn = seeded_noise(seeds, shape, net.num_classes, device)
+    draws, drawn = seeded_draws(seeds, shape, net.num_classes, len(sigmas), device)
     labels = drawn if labels is None or drawn is None else labels
-    renoise = [seeded_noise([s + (k << 32) for s in seeds], shape, 0, device)[0] for k in range(1, len(sigmas))]
-    return student_sample(OneStepGenerator(net, sigmas[0]), noise, labels, sigmas, renoise), labels
+    return student_sample(OneStepGenerator(net, sigmas[0]), draws[0], labels, sigmas, list(draws[1:])), labels
 
 
 def karras_sigmas(

@@ -249,7 +249,11 @@ def test_a_two_step_student_trains_and_samples_with_its_two_steps(pairs_cfg):
     encoder = encoder_from_info(_artifact(cfg, "encode").manifest()["outputs"]["encoder"])
     images, labels = generate(model, net, [3, 4], encoder, "cpu")
     noise, seeded_labels = seeded_noise([3, 4], (3, 16, 16), net.num_classes, "cpu")
-    renoise = seeded_noise([3 + (1 << 32), 4 + (1 << 32)], (3, 16, 16), 0, "cpu")[0]
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]  # each seed's generator: noise, label, re-noise
+    for gen in gens:
+        torch.randn((3, 16, 16), generator=gen), torch.randint(net.num_classes, (), generator=gen)
+    renoise = torch.stack([torch.randn((3, 16, 16), generator=gen) for gen in gens])
+    assert not torch.equal(renoise, noise)
     with torch.no_grad():
         g = OneStepGenerator(net)
         x = g(g(noise, seeded_labels) + student_sigmas(2)[1] * renoise, seeded_labels, sigma=student_sigmas(2)[1])

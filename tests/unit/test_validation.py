@@ -7,16 +7,30 @@ import torch
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.probe import ProbeFeatures, ProbeNet
 from pipeline.metrics.validation import Reference, Watch, score
-from pipeline.seeds import evaluation_seeds, validation_seeds
+from pipeline import config as C
+from pipeline.diffusion.sampler import SEED_LIMIT, seeded_noise
+from pipeline.seeds import PAIRS_SEED_BASE, evaluation_seeds, validation_seeds
 
 
-def test_validation_seeds_are_disjoint_from_evaluations_and_their_renoising():
-    val = set(validation_seeds(50_000))
-    assert len(val) == 50_000
-    evaluated = set(evaluation_seeds(0, 1_000_000))
-    renoised = {s + (k << 32) for s in evaluation_seeds(0, 50_000) for k in (1, 2, 3)}  # a 4-step student's
-    assert not val & evaluated and not val & renoised
+def test_validation_pairs_and_evaluation_draw_different_noise():
+    """Checked on the noise itself: torch's generator keeps only a seed's low 32 bits, so 2^40 + i would
+    draw evaluate's noise of seed i."""
+    shape, n = (3, 4, 4), 200
+    evaluated = seeded_noise(evaluation_seeds(0, n), shape, 0, "cpu")[0]
+    validated = seeded_noise(validation_seeds(n), shape, 0, "cpu")[0]
+    paired = seeded_noise([PAIRS_SEED_BASE + i for i in range(n)], shape, 0, "cpu")[0]
+    rows = {tuple(r.tolist()) for r in torch.cat([evaluated, validated, paired]).flatten(1)}
+    assert len(rows) == 3 * n
     assert validation_seeds(3) == validation_seeds(5)[:3]  # fixed: the same seeds at every validation
+    assert max(validation_seeds(50_000)) < SEED_LIMIT and min(validation_seeds(1)) >= PAIRS_SEED_BASE + 50_000
+    with pytest.raises(ValueError, match=r"seeds must be in \[0, 2\^32\).*would repeat"):
+        seeded_noise([5 + (1 << 32)], shape, 0, "cpu")
+
+
+def test_pairs_seeds_that_overlap_evaluations_are_refused():
+    with pytest.raises(ValueError, match=r"pairs.seed = 0: the pairs' seeds \[0, 64\) overlap evaluate's"):
+        C.load_config("ci", ["pairs.seed=0"])
+    assert C.load_config("ci").pairs.seed == PAIRS_SEED_BASE
 
 
 def _probe() -> ProbeFeatures:
