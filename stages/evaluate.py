@@ -331,6 +331,17 @@ def _notes(cfg: EvalConfig, probe: dict[str, Any], refstats: dict[str, Any], rea
     return notes
 
 
+def student_note(distill: Artifact) -> str:
+    """Which checkpoint the student is: its step, how it was chosen, and an early stop if there was one."""
+    manifest = distill.manifest()
+    student, validation = manifest["outputs"]["student"], manifest["outputs"].get("validation") or {}
+    duration = manifest["config"]["duration_nimg"]
+    how = {"best": f"the best of its {len(validation.get('curve', []))} validations by fd_probe on validation seeds, "
+                   "not these", "last": "its last step"}[student.get("keep", "last")]
+    stopped = f" The run stopped early: {validation['stopped']}." if validation.get("stopped") else ""
+    return f"The student is distill's generator after {student.get('nimg', duration):,} of {duration:,} images ({how}).{stopped}"
+
+
 def _models(cfg: EvalConfig, inputs: dict[str, Artifact], real: bool) -> list[Model]:
     models = [*_teacher_models(inputs["phema"], cfg.num_steps), student_model(inputs["distill"])]
     return models + ([Model("real", None, "", None, 0)] if real else [])
@@ -379,7 +390,7 @@ def run(ctx: StageContext, cfg: EvalConfig, inputs: dict[str, Artifact]) -> dict
     metric = "fd_inception" if "inception" in networks and not refstats["networks"]["inception"]["random"] else (
         "fd_probe" if probe else f"fd_{next(iter(networks))}")
     best, summary = _summary(rows, metric)
-    notes = _notes(cfg, probe_out, refstats, counts[-1] if probe else 0)
+    notes = _notes(cfg, probe_out, refstats, counts[-1] if probe else 0) + [student_note(inputs["distill"])]
     curves = report.curves_png(_metrics_rows(inputs["teacher"]), _metrics_rows(inputs["distill"]))
     for name, data in (("metrics.png", report.metrics_png(rows)), ("curves.png", curves),
                        ("report.md", report.report_md(rows, summary, notes).encode()),

@@ -51,6 +51,8 @@ def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
     html = store.read_bytes(art.path("report.html")).decode()
     assert "Best teacher EMA length by FID" in md and "| FD probe | class accuracy | precision | recall | FID |" in md
     assert "real (held-out)" in html and "<table>" in html and "dinov2: not computed" in md
+    kept = _artifact(cfg, "distill").manifest()["outputs"]["student"]["nimg"]
+    assert f"The student is distill's generator after {kept:,} of 16 images (the best of its 2 validations" in md
     for png in ("metrics.png", "curves.png"):
         assert Image.open(art.path(png)).size[0] > 300
     # One class per row (classes 0, 3, 6, 9), 3 samples each, then a gap and the real images beside.

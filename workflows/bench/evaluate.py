@@ -1,12 +1,15 @@
-"""Probe and Inception features images/s, and the metrics' share of the demo run's wall time.
+"""Probe and Inception features images/s, the metrics' share of a preset run's wall time, and the
+share of distill's time its validation took.
 
     python workflows/bench.py evaluate --storage ./artifacts   # after `python workflows/full.py`
-    python workflows/bench.py evaluate --iters 1               # quick; without a demo run, says so
+    python workflows/bench.py evaluate --config dmd2 --storage ./artifacts
+    python workflows/bench.py evaluate --iters 1               # quick; without a run, says so
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from typing import Any
 
@@ -22,7 +25,8 @@ from .common import Row, median_seconds, table
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--storage", default="./artifacts", help="where the demo ran (`python workflows/full.py`)")
+    p.add_argument("--storage", default="./artifacts", help="where the preset ran (`python workflows/full.py`)")
+    p.add_argument("--config", default="demo", help="the preset of that run")
 
 
 def _features_rate(features: Callable[[np.ndarray], Any], resolution: int, batch: int, iters: int) -> float:
@@ -30,21 +34,30 @@ def _features_rate(features: Callable[[np.ndarray], Any], resolution: int, batch
     return batch / median_seconds(lambda: features(images), warmup=1, iters=iters)
 
 
-def _demo_share(storage: str) -> list[Row]:
-    """Each stage's wall time in the demo run stored at `storage`, and the metrics' share of the total."""
-    cfg = C.load_config("demo", storage=storage)
+def _validation_share(distill: dict[str, Any], storage: str) -> Row:
+    """Validation's seconds (the metrics rows' val_seconds) against distill's training time."""
+    rows = store.read_bytes(store.join(storage, "distill", distill["key"], "metrics.jsonl")).decode().splitlines()
+    seconds = sum(json.loads(r).get("val_seconds", 0.0) for r in rows)
+    return ("distill: validation s / training s", f"{seconds:.1f} / {distill['outputs']['train_wall_time_s']:.1f} = "
+            f"{seconds / distill['outputs']['train_wall_time_s']:.1%}", "<= 10%")
+
+
+def _run_share(preset: str, storage: str) -> list[Row]:
+    """Each stage's wall time in the run of `preset` stored at `storage`, and the metrics' share of the total."""
+    cfg = C.load_config(preset, storage=storage)
     keys = dag.cache_keys(dag.graph(), cfg)
     manifests = {name: store.Store(storage).artifact(name, key).manifest() for name, key in keys.items()}
     missing = [name for name, m in manifests.items() if m is None]
     if missing:
-        return [(f"demo stage times: no demo run in {storage} (missing {', '.join(missing)})",
-                 "-", "run `python workflows/full.py` first")]
+        return [(f"{preset} stage times: no {preset} run in {storage} (missing {', '.join(missing)})",
+                 "-", f"run `python workflows/full.py --config {preset}` first")]
     seconds = {name: m["wall_time_s"] for name, m in manifests.items()}
     total = sum(seconds.values())
-    rows = [(f"demo: {name} s", f"{s:.1f}", "") for name, s in seconds.items()]
+    rows = [(f"{preset}: {name} s", f"{s:.1f}", "") for name, s in seconds.items()]
     share = (seconds["evaluate"] + seconds["probe"] + seconds["refstats"]) / total
-    return rows + [("demo: all stages s (Ray start not counted)", f"{total:.1f}", "<= 600"),
-                   ("demo: (evaluate + probe + refstats) / all stages", f"{share:.1%}", "<= 15%")]
+    return rows + [(f"{preset}: all stages s (Ray start not counted)", f"{total:.1f}", "<= 600"),
+                   (f"{preset}: (evaluate + probe + refstats) / all stages", f"{share:.1%}", "<= 15%"),
+                   _validation_share(manifests["distill"], storage)]
 
 
 def run(a: argparse.Namespace) -> None:
@@ -60,4 +73,4 @@ def run(a: argparse.Namespace) -> None:
              f"{_features_rate(probe.features, res, 256, a.iters):.0f}", ""),
             (f"Inception features images/s ({res} px resized to 299, batch 32, {a.threads} thr)",
              f"{_features_rate(inception.features, res, 32, a.iters):.1f}", "")]
-    table(rows + _demo_share(a.storage))
+    table(rows + _run_share(a.config, a.storage))
