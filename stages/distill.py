@@ -38,6 +38,7 @@ from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
 from pipeline.models.edm2_release import load_guide
 from pipeline.seeds import mix_seed
+from pipeline.tracking import StageRun
 from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_state,
                                mixed_precision, save_state, train_guarded, zero_nonfinite_grads_)
 from pipeline.weights import load_network, save_network
@@ -60,6 +61,7 @@ class DistillArgs:
     encoder: dict[str, Any]
     artifact: Artifact
     seed: int
+    tracking: StageRun | None = None  # the stage's tracker runs, for rank 0's MetricsLog
 
 
 @dataclass
@@ -327,7 +329,7 @@ def train_loop(session: TrainSession, args: DistillArgs) -> None:
     if cfg.method == "dmd":  # the regression's LPIPS (dmd2 has none)
         kit["to_pixels"] = lpips_decoder(encoder, cfg.lpips_decoder, str(device))
         kit["lpips"] = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights).to(device)
-    log = MetricsLog("distill", cfg.duration_nimg, session.rank)
+    log = MetricsLog("distill", cfg.duration_nimg, session.rank, args.tracking)
     guard = DivergenceGuard("distill", cfg.divergence_ratio, cfg.divergence_patience,
                             f"Lower distill.lr and distill.fake_lr (now {cfg.lr:g}, {cfg.fake_lr:g}).")
     chunk = partial(_train_chunk, session, args, nets, gen_model, fake_model, kit, log, guard)
@@ -355,7 +357,8 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
     args = DistillArgs(cfg, {k: teacher_cfg[k] for k in loss_keys}, inputs["phema"],
                        pairs["outputs"]["teacher"]["file"], pairs["config"]["guide"],
                        [inputs["pairs"].path(s) for s in pairs["outputs"]["shards"]],
-                       [inputs["encode"].path(s) for s in encode["shards"]], encode["encoder"], ctx.artifact, ctx.seed)
+                       [inputs["encode"].path(s) for s in encode["shards"]], encode["encoder"], ctx.artifact, ctx.seed,
+                       ctx.tracking)
     if cfg.method == "dmd":
         load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights)  # a backbone that cannot be had fails here
         lpips_decoder(encoder_from_info(args.encoder), cfg.lpips_decoder)  # and so does a decoder
