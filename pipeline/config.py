@@ -372,7 +372,7 @@ class TrackingConfig:
     mlflow_uri: str = ""  # http(s)://HOST:PORT of a tracking server, or sqlite:///FILE.db; "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
     experiment: str = "onestep"  # the MLflow experiment and the W&B project
     wandb_mode: str = "online"  # online | offline (run folders under wandb_dir, uploaded later by `wandb sync`)
-    wandb_dir: str = ""  # where W&B writes its run folders ("" = ./wandb)
+    wandb_dir: str = ""  # W&B writes its run folders under DIR/wandb/ ("" = the current folder)
     timeout_s: float = 10.0  # per request to a tracking server; a backend that fails is dropped for the run
 
     def __post_init__(self) -> None:

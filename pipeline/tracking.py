@@ -23,7 +23,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
@@ -280,7 +280,9 @@ class DagRun:
     """The runs of one `dag.run`: the MLflow parent, and each stage's MLflow child and W&B run."""
 
     def __init__(self, cfg: Config, name: str, stages: list[str]) -> None:
-        self.cfg, self.tracking, self.name = cfg, cfg.tracking, name
+        self.cfg, self.name = cfg, name
+        # workers may run in another folder: W&B's folder made absolute here
+        self.tracking = replace(cfg.tracking, wandb_dir=str(Path(cfg.tracking.wandb_dir or ".").resolve()))
         self.stamp = uuid.uuid4().hex[:8]  # W&B ids: a rerun of the same stage is another run
         self.mlflow_uri, self.parent, self.experiment_id = "", "", ""
         if "mlflow" in self.tracking.backends:
@@ -305,12 +307,14 @@ class DagRun:
         return run_id
 
     def stage(self, stage: str, key: str, upstream: dict[str, str], section: Any, artifact_url: str) -> StageRun:
+        """The stage's runs: an MLflow child of the DAG's run (params: its config; tags: its keys), a W&B run id."""
         config = {**to_dict(section), "key": key, "upstream": upstream}
-        wandb_id = f"{stage}-{key}-{self.stamp}" if "wandb" in self.tracking.backends else ""
-        run = StageRun(self.tracking, stage, key, "", self.mlflow_uri, wandb_id, self.name, config)
+        wandb = "wandb" in self.tracking.backends and "wandb" not in _dropped
+        run = StageRun(self.tracking, stage, key, "", self.mlflow_uri, f"{stage}-{key}-{self.stamp}" if wandb else "",
+                       self.name, config)
         if self.parent:
             child = _guarded("mlflow", f"starting the {stage} run", self._start_child, run, artifact_url)
-            run = StageRun(self.tracking, stage, key, child or "", self.mlflow_uri, wandb_id, self.name, config)
+            run = replace(run, mlflow_run=child or "")
         return run
 
     def _start_child(self, run: StageRun, artifact_url: str) -> str:
