@@ -126,7 +126,7 @@ STYLE = ("body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0
          ".wide{overflow-x:auto}table{border-collapse:collapse}td,th{padding:.2em .6em;text-align:right}"
          "td:first-child,th:first-child{text-align:left}small{color:#666}"
          ".panels{display:flex;flex-wrap:wrap;gap:8px}.panels img{width:360px;max-width:100%;height:auto}"
-         ".grids{display:flex;flex-wrap:wrap;gap:16px;align-items:flex-start}figure{margin:0;max-width:100%}"
+         ".grids{display:flex;flex-wrap:wrap;gap:24px 48px;align-items:flex-start}figure{margin:0;max-width:100%}"
          ".grids img{max-width:100%;height:auto;image-rendering:pixelated}")
 
 
