@@ -27,12 +27,13 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from pipeline import store
 from pipeline.config import Config, TrackingConfig, to_dict
+
+if TYPE_CHECKING:  # numpy loads only where images are logged: `onestep status` stays fast
+    import numpy as np
 
 log = logging.getLogger("onestep")
 
@@ -64,7 +65,7 @@ def _guarded(backend: str, what: str, fn: Callable[..., Any], *args: Any) -> Any
         return fn(*args)
     except Exception as e:  # any failure of a tracker: the run goes on without it
         _dropped.add(backend)
-        why = (f"it is not installed: pip install 'onestep[tracking]'" if isinstance(e, ImportError)
+        why = ("it is not installed: pip install 'onestep[tracking]'" if isinstance(e, ImportError)
                else f"{type(e).__name__}: {store.redact(str(e)).splitlines()[0][:300] if str(e) else ''}")
         log.warning("tracking: %s failed while %s (%s); the run goes on without %s (%s, or drop it from "
                     "tracking.backends)", backend, what, why, backend, FIXES[backend])
