@@ -1,4 +1,4 @@
-"""`onestep run | status | runs | show | verify | sample | import-edm2 | runtime-env`: the command line, also
+"""`onestep run | status | runs | show | verify | sample | sweep | import-edm2 | runtime-env`: the command line, also
 behind `workflows/full.py`.
 
     onestep run                          # the demo preset into ./artifacts
@@ -9,6 +9,7 @@ behind `workflows/full.py`.
     onestep verify --config ci --storage /tmp/os        # re-read every stored file against its manifest
     onestep run --repair encode --config ci --storage /tmp/os
     onestep sample --model student --num 16 --out grid.png --config ci --storage /tmp/os
+    onestep sweep --config ci --storage /tmp/os --grid distill.lr=1e-4,1e-3   # trials sharing the teacher
     onestep runtime-env --env AWS_ACCESS_KEY_ID AWS_SECRET_ACCESS_KEY   # for ray job submit
 """
 
@@ -78,6 +79,17 @@ def parser() -> argparse.ArgumentParser:
     imp.add_argument("url", help="e.g. https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img64-s-1073741-0.075.pkl")
     imp.add_argument("--out", required=True, help="folder (path or fsspec URL) for network.json and network.safetensors")
     imp.add_argument("--key", default="ema", help="the network's entry in the file (EDM2: ema)")
+    sweep = sub.add_parser("sweep", help="trials that differ in a few settings, in parallel, sharing every cached "
+                           "upstream artifact: a comparison table and their validation curves")
+    _add_config_args(sweep)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...",
+                       help="a setting's values (repeatable: every combination is a trial)")
+    sweep.add_argument("--trial", action="append", default=[], metavar="'KEY=V [KEY=V ...]'",
+                       help="one trial's settings (repeatable)")
+    sweep.add_argument("--asha", action=argparse.BooleanOptionalAction, default=True,
+                       help="stop trials whose validation fd_probe falls behind (ASHA, under Ray; default) or run "
+                       "every trial to its end (--no-asha)")
+    sweep.add_argument("--concurrency", type=int, default=0, help="trials at once (default: as many as fit)")
     renv = sub.add_parser("runtime-env", help="print a runtime_env JSON for `ray job submit --runtime-env-json`")
     renv.add_argument("--file", default="infra/runtime_env.yaml", help="the runtime_env YAML to start from")
     renv.add_argument("--env", nargs="+", default=[], metavar="VAR",
@@ -230,6 +242,19 @@ def cmd_runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from pipeline import sweep
+    from pipeline.executor import make_executor
+
+    trials = sweep.expand(args.config, args.overrides, args.storage, args.grid, args.trial)
+    cfg = trials[0].config()
+    dag.check_executor_storage(cfg.executor, cfg.storage)
+    folder, table = sweep.sweep(trials, make_executor(cfg.executor, cfg.max_in_flight), args.asha, args.concurrency)
+    print(sweep.table_md(table, f"{len(trials)} trials"))
+    print(f"sweep: {store.redact(folder)}/table.md, table.csv, curves.png")
+    return 0
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     cfg = load(args)
     nodes = dag.graph()
@@ -265,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_runtime_env(args)
         if args.command == "runs":
             return cmd_runs(args)
+        if args.command == "sweep":
+            return cmd_sweep(args)
         if args.command == "status":
             print(status_table(load(args)))
             return 0

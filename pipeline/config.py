@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from pipeline.seeds import PAIRS_SEED_BASE, VALIDATION_SEED_BASE
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "workflows" / "configs"
 
 
@@ -49,10 +51,10 @@ def _check_positive(section: str, **values: float) -> None:
 class EncodeConfig:
     """Dataset -> WebDataset shards of pixels or VAE latents."""
 
-    source: str = "synthetic"  # synthetic | imagefolder | imagenet
+    source: str = "synthetic"  # synthetic | digits (scikit-learn's 1,797 8x8 digits) | imagefolder | imagenet
     path: str = ""  # dataset folder URL (imagefolder, imagenet)
     resolution: int = 32  # output images are resolution x resolution (ADM centre crop)
-    num_images: int = 2000  # synthetic: how many; folders: a seeded sample of N, every class in proportion (0 = all)
+    num_images: int = 2000  # synthetic: how many; digits, folders: a seeded sample of N, every class in proportion (0 = all)
     num_classes: int = 10  # synthetic only; folders take it from their class folders
     encoder: str = "rgb"  # rgb (pixels in [-1, 1]) | vae (posterior mean and std)
     vae: str = "stabilityai/sd-vae-ft-mse"  # hub id, local folder or fsspec URL
@@ -64,13 +66,13 @@ class EncodeConfig:
     num_gpus: float = throughput(0.0)  # per task (1 on GPU clusters for the VAE)
 
     def __post_init__(self) -> None:
-        _check_choice("encode", "source", self.source, ("synthetic", "imagefolder", "imagenet"))
+        _check_choice("encode", "source", self.source, ("synthetic", "digits", "imagefolder", "imagenet"))
         _check_choice("encode", "encoder", self.encoder, ("rgb", "vae"))
         _check_positive("encode", resolution=self.resolution, shard_size=self.shard_size,
                         batch=self.batch, num_cpus=self.num_cpus)
         if self.source == "synthetic" and (self.num_images <= 0 or self.num_classes <= 0):
             raise ValueError("encode.num_images and encode.num_classes must be > 0 for the synthetic source")
-        if self.source != "synthetic" and not self.path:
+        if self.source in ("imagefolder", "imagenet") and not self.path:
             raise ValueError(f"encode.source = {self.source} needs encode.path (the dataset folder URL)")
         if not 0.0 <= self.max_corrupt_fraction <= 1.0:
             raise ValueError("encode.max_corrupt_fraction must be in [0, 1]")
@@ -234,7 +236,7 @@ class PairsConfig:
     # The guiding network (e.g. an unconditional teacher): a folder with network.json + network.safetensors,
     # or an EDM2 release .pkl (e.g. edm2-img512-xs-uncond-2147483-0.045.pkl)
     guide: str = content()
-    seed: int = 0  # pair i uses seed `seed + i`
+    seed: int = PAIRS_SEED_BASE  # pair i uses seed `seed + i` (pipeline/seeds.py: apart from evaluate's and validation's)
     pairs_per_shard: int = 1000
     batch: int = throughput(64)
     num_cpus: float = throughput(1.0)
@@ -256,6 +258,7 @@ class DistillConfig:
 
     lr: float = 2e-6  # generator and fake score (AdamW, betas (adam_beta1, 0.999), weight decay 0.01)
     fake_lr: float = 2e-6
+    lr_rampup_nimg: int = 0  # the generator's lr grows linearly over this many images (0: none)
     adam_beta1: float = 0.9  # DMD: 0.9; 0 (as GANs are trained) damps the two players' oscillation in short runs
     weight_decay: float = 0.01
     grad_clip: float = 10.0
@@ -280,6 +283,14 @@ class DistillConfig:
     guidance: float = 1.0  # for the real score (the fake score stays unguided); w != 1 needs pairs.guide
     duration_nimg: int = 76190 * 336  # generator images (~25.6M; multiples of the batch)
     checkpoint_nimg: int = 2976 * 336
+    # Validation (pipeline/metrics/validation.py): at the start, every val_every_nimg generator images and
+    # at the end, val_images samples from fixed seeds (disjoint from evaluate's), scored with the probe
+    val_every_nimg: int = 3000 * 336  # a multiple of log_nimg; 0: no validation (then keep: last)
+    val_images: int = 5000
+    keep: str = "best"  # best: the student of the validation with the lowest fd_probe | last: the last step's
+    early_stop_ratio: float = 2.0  # a collapse: validation fd_probe above this x its best ...
+    early_stop_patience: int = 3  # ... for this many validations in a row stops the run, keeping the best (0: never)
+    val_batch: int = throughput(64)  # validation images per forward and rank
     log_nimg: int = throughput(300 * 336)
     num_workers: int = throughput(1)
     use_gpu: bool = throughput(False)
@@ -314,10 +325,26 @@ class DistillConfig:
         for name in ("duration_nimg", "checkpoint_nimg", "log_nimg"):
             if getattr(self, name) % self.batch:
                 raise ValueError(f"distill.{name} = {getattr(self, name)} must be a multiple of distill.batch = {self.batch}")
+        self._check_validation()
         for name in ("batch", "reg_batch"):
             if getattr(self, name) % self.num_workers:
                 raise ValueError(f"distill.{name} = {getattr(self, name)} is not divisible by "
                                  f"distill.num_workers = {self.num_workers}")
+
+
+    def _check_validation(self) -> None:
+        _check_choice("distill", "keep", self.keep, ("best", "last"))
+        _check_positive("distill", val_images=self.val_images, val_batch=self.val_batch)
+        if self.val_every_nimg < 0 or self.early_stop_patience < 0 or self.lr_rampup_nimg < 0:
+            raise ValueError("distill.val_every_nimg, early_stop_patience and lr_rampup_nimg must be >= 0 (0 = off)")
+        if self.val_every_nimg % self.log_nimg:
+            raise ValueError(f"distill.val_every_nimg = {self.val_every_nimg} must be a multiple of distill.log_nimg "
+                             f"= {self.log_nimg} (a validation's figures go into that log row)")
+        if not self.val_every_nimg and self.keep == "best":
+            raise ValueError("distill.keep=best chooses the student from validations, but distill.val_every_nimg = 0 "
+                             "turns validation off: set distill.val_every_nimg, or distill.keep=last")
+        if self.early_stop_ratio <= 1:
+            raise ValueError(f"distill.early_stop_ratio = {self.early_stop_ratio}: must be > 1 (x the best fd_probe)")
 
 
 @dataclass(frozen=True)
@@ -418,7 +445,21 @@ class Config:
             raise ValueError("distill.method=dmd regresses onto pairs (distill.lambda_reg = "
                              f"{self.distill.lambda_reg}) but pairs.num_pairs = 0: set pairs.num_pairs, "
                              "or distill.lambda_reg=0")
+        self._check_pair_seeds()
+        if self.distill.val_every_nimg and not self.probe.enabled:
+            raise ValueError("distill validation scores samples with the probe, but probe.enabled = false: set "
+                             "distill.val_every_nimg=0 distill.keep=last (no validation), or enable the probe")
         _check_positive("config", max_in_flight=self.max_in_flight, lease_timeout_s=self.lease_timeout_s)
+
+
+    def _check_pair_seeds(self) -> None:
+        """The pairs' noise must not be evaluate's or validation's: a student scored on the noise it was
+        regressed on looks closer to its teacher than it is (torch keeps a seed's low 32 bits only)."""
+        lo, hi = self.pairs.seed, self.pairs.seed + self.pairs.num_pairs
+        if self.pairs.num_pairs and (lo < self.eval.num_images or hi > VALIDATION_SEED_BASE):
+            raise ValueError(f"pairs.seed = {lo}: the pairs' seeds [{lo}, {hi}) overlap evaluate's [0, "
+                             f"{self.eval.num_images}) or validation's (from {VALIDATION_SEED_BASE}): leave pairs.seed at "
+                             f"its default {PAIRS_SEED_BASE}")
 
 
 @dataclass(frozen=True)

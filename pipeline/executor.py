@@ -9,17 +9,22 @@ calls in-process, for debugging (`--set executor=inline`) and for `memory://` st
 Ray it is a Ray Train `TorchTrainer` (gloo on CPUs, NCCL on GPUs) whose checkpoints live in
 the artifact, with `FailureConfig` so a lost worker resumes from the last checkpoint; inline
 it is one worker in this process. The `TrainSession` is all a training loop sees of either.
+
+`trials(fn, items, schedule)`: a sweep's trials, `fn(item, executor)` each. Under Ray they run in
+parallel as Ray Tune trials, whose training jobs report to Tune, and ASHA stops the trials whose
+reported metric falls behind; inline they run one after another, each to its end.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 import socket
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from tqdm.auto import tqdm
@@ -41,6 +46,31 @@ class Resources:
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     spread: bool = False  # spread tasks over nodes rather than packing them
+
+
+@dataclass(frozen=True)
+class TrialSchedule:
+    """How a sweep's trials run: the metric their training reports (validation), ASHA's early stopping on
+    it after `grace_t` (0: none, every trial runs to its end), and what one trial's training job asks for."""
+
+    metric: str = "val_fd_probe"
+    mode: str = "min"
+    time_attr: str = "nimg"  # the reports' clock
+    max_t: int = 1  # a trial's length on that clock
+    grace_t: int = 0
+    workers: int = 1  # DDP workers of one trial
+    use_gpu: bool = False
+    concurrency: int = 0  # trials at once; 0: as many as the cluster holds
+
+
+@dataclass
+class TrialOutcome:
+    """One trial: `fn`'s result (done), or the reports it made before ASHA stopped it, or its error."""
+
+    status: str  # done | stopped | failed
+    result: Any = None
+    reports: list[dict[str, Any]] = field(default_factory=list)
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -81,6 +111,9 @@ class Executor(Protocol):
             resources: Resources = Resources(), desc: str = "") -> list[Any]: ...
 
     def ddp(self, train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob) -> dict[str, Any]: ...
+
+    def trials(self, fn: Callable[[Any, Executor], Any], items: Sequence[Any],
+               schedule: TrialSchedule) -> list[TrialOutcome]: ...
 
 
 def _gpu_error(what: str, wanted: float, have: float) -> ValueError:
@@ -128,6 +161,17 @@ class InlineExecutor:
         session = InlineSession(job)
         train_fn(session, args)
         return session.last_metrics
+
+    def trials(self, fn: Callable[[Any, Executor], Any], items: Sequence[Any],
+               schedule: TrialSchedule) -> list[TrialOutcome]:
+        """One after another, each to its end (no early stopping inline); a trial's error is its outcome."""
+        outcomes = []
+        for item in items:
+            try:
+                outcomes.append(TrialOutcome("done", fn(item, self)))
+            except ValueError as e:
+                outcomes.append(TrialOutcome("failed", error=str(e)))
+        return outcomes
 
 
 class InlineSession:
@@ -211,12 +255,15 @@ def _apply(fn: Callable[[Any], Any], item: Any) -> Any:
 
 
 class RayExecutor:
-    """Runs each call as a Ray task; results come back in the order of `items`."""
+    """Runs each call as a Ray task; results come back in the order of `items`. Inside a sweep's trial,
+    `trials_at_once` training jobs share the cluster's CPUs, and training reports go to Ray Tune."""
 
-    def __init__(self, max_in_flight: int = 64, max_retries: int = 3) -> None:
+    def __init__(self, max_in_flight: int = 64, max_retries: int = 3, trials_at_once: int = 1,
+                 report_to_tune: bool = False) -> None:
         init_ray()
         self.max_in_flight = max_in_flight
         self.max_retries = max_retries
+        self.trials_at_once, self.report_to_tune = trials_at_once, report_to_tune
 
     def num_nodes(self) -> int:
         import ray
@@ -277,7 +324,38 @@ class RayExecutor:
         self.check_ddp(job)
         cpus = ray.cluster_resources().get("CPU", 0.0)
         # CPU training: the workers share the cluster's cores (Ray sets each one's thread count).
-        return _ray_ddp(train_fn, args, job, 1.0 if job.use_gpu else float(max(1, int(cpus // job.num_workers))))
+        per_worker = 1.0 if job.use_gpu else float(max(1, int(cpus // (job.num_workers * self.trials_at_once))))
+        return _ray_ddp(train_fn, args, job, per_worker, self.report_to_tune)
+
+    def trials(self, fn: Callable[[Any, Executor], Any], items: Sequence[Any],
+               schedule: TrialSchedule) -> list[TrialOutcome]:
+        """Ray Tune trials, at most `concurrency` at once (default: as many training jobs as the cluster
+        holds); with `grace_t`, ASHA stops a trial whose metric is in the worse half of those that reached
+        the same time (rungs at grace_t, 2 grace_t, ...)."""
+        from ray import tune
+        from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+        at_once = min(len(items), schedule.concurrency or self._trials_that_fit(schedule))
+        scheduler = ASHAScheduler(time_attr=schedule.time_attr, metric=schedule.metric, mode=schedule.mode,
+                                  max_t=schedule.max_t, grace_period=schedule.grace_t, reduction_factor=2,
+                                  stop_last_trials=False) if schedule.grace_t else FIFOScheduler()
+        trainable = tune.with_parameters(_tune_trial, fn=fn, items=list(items), at_once=at_once,
+                                         max_in_flight=self.max_in_flight)
+        with tempfile.TemporaryDirectory() as tmp:
+            # the trial's driver holds no CPU (Tune needs some resource: a byte of memory): the work is its job's
+            tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 0, "memory": 1}),
+                               param_space={"index": tune.grid_search(list(range(len(items))))},
+                               tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=at_once),
+                               run_config=tune.RunConfig(storage_path=tmp, name="sweep", verbose=0))
+            results = sorted(tuner.fit(), key=lambda r: r.config["index"])
+        return [_outcome(r, schedule) for r in results]
+
+    def _trials_that_fit(self, schedule: TrialSchedule) -> int:
+        import ray
+
+        total = ray.cluster_resources()
+        have = total.get("GPU", 0.0) if schedule.use_gpu else total.get("CPU", 0.0)
+        return max(1, int(have // schedule.workers))
 
 
 class RaySession:
@@ -326,8 +404,32 @@ def _ray_train_worker(config: dict[str, Any]) -> None:
     config["train_fn"](RaySession(), config["args"])
 
 
+def _tune_trial(config: dict[str, Any], fn: Callable[[Any, Executor], Any], items: list[Any], at_once: int,
+                max_in_flight: int) -> dict[str, Any]:
+    """A Ray Tune trial: `fn` of its item, with an executor whose training jobs report to Tune."""
+    executor = RayExecutor(max_in_flight, trials_at_once=at_once, report_to_tune=True)
+    try:
+        return {"trial_result": json.dumps(fn(items[config["index"]], executor))}
+    except Exception as e:
+        _raise_ours(e)
+        raise
+
+
+def _outcome(result: Any, schedule: TrialSchedule) -> TrialOutcome:
+    """A Tune result as a TrialOutcome: done (its result), failed (onestep's one-line error), or stopped."""
+    frame = result.metrics_dataframe
+    columns = [c for c in (schedule.time_attr, schedule.metric) if frame is not None and c in frame]
+    reports = [] if len(columns) < 2 else frame[columns].dropna().to_dict("records")
+    if result.error is not None:
+        found = _ours(result.error)
+        return TrialOutcome("failed", reports=reports, error=str(found if found is not None else result.error))
+    if "trial_result" in (result.metrics or {}):
+        return TrialOutcome("done", json.loads(result.metrics["trial_result"]), reports)
+    return TrialOutcome("stopped", reports=reports)
+
+
 def _ray_ddp(train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJob,
-             cpus_per_worker: float) -> dict[str, Any]:
+             cpus_per_worker: float, report_to_tune: bool = False) -> dict[str, Any]:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -344,6 +446,7 @@ def _ray_ddp(train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJo
             storage_filesystem=filesystem,
             failure_config=FailureConfig(max_failures=job.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=_tune_callbacks() if report_to_tune else None,
         ),
     )
     try:
@@ -351,6 +454,13 @@ def _ray_ddp(train_fn: Callable[[TrainSession, Any], Any], args: Any, job: DDPJo
     except Exception as e:
         _raise_ours(e)
         raise
+
+
+def _tune_callbacks() -> list[Any]:
+    """Ray Train's reports (rank 0's) forwarded to the Ray Tune trial that runs the training job."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    return [TuneReportCallback()]
 
 
 def _ours(e: BaseException) -> ValueError | None:

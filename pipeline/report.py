@@ -29,7 +29,7 @@ CELL_GAP = 4  # white pixels between a report grid's cells (touching 16-px digit
 BLOCK_GAP = 16  # white pixels between a model's samples and the real images beside them
 MIN_CELL = 48  # report grids upscale small images (nearest neighbour) to at least this many pixels
 PANEL_INCHES, PANEL_DPI = (3.6, 2.7), 100  # one plot per metric or term: 360 x 270 px, wrapped by the page
-TIMING = ("img_per_s",)  # logged, not plotted here: wall-clock numbers differ from run to run
+TIMING = ("img_per_s", "val_seconds")  # logged, not plotted here: wall-clock numbers differ from run to run
 SHARED_PANELS = {"d_acc_real": "head accuracy", "d_acc_fake": "head accuracy"}  # terms plotted together
 
 

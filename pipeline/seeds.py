@@ -1,16 +1,20 @@
 """Which random stream each piece of work draws from.
 
 Randomness is keyed to the work, not to the order it runs in: a training step's stream comes from
-(seed, rank, images seen), a sample's from its own seed. Evaluation draws sample i from seed i;
-validation during training draws from seeds of its own, far above any evaluation's, so that a model
-chosen on validation is measured on images it was not chosen on.
+(seed, rank, images seen), a sample's from its own seed (pipeline/diffusion/sampler.py: seeded_draws).
+torch's generator keeps only a seed's low 32 bits, so the sample seeds split [0, 2^32) into regions
+that never meet: evaluation draws sample i from seed i, DMD's regression pairs from PAIRS_SEED_BASE + i
+(`pairs.seed`), validation during training from VALIDATION_SEED_BASE + i. A student is then never
+scored on the noise it was regressed on, and a model chosen on validation is measured on other images.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-VALIDATION_SEED_BASE = 1 << 40  # validation sample i uses seed VALIDATION_SEED_BASE + i
+EVALUATION_SEED_LIMIT = 1 << 30  # evaluation's seeds are [0, 2^30)
+PAIRS_SEED_BASE = 1 << 30  # pairs.seed's default: pairs in [2^30, 2^31)
+VALIDATION_SEED_BASE = 1 << 31  # validation sample i uses seed VALIDATION_SEED_BASE + i, below 2^32
 
 
 def mix_seed(*parts: int) -> int:
@@ -25,6 +29,5 @@ def evaluation_seeds(start: int, stop: int) -> list[int]:
 
 
 def validation_seeds(count: int) -> list[int]:
-    """The fixed seeds of validation during training: disjoint from `evaluation_seeds` for any run
-    of fewer than 2^40 images."""
+    """The fixed seeds of validation during training: disjoint from evaluation's and the pairs'."""
     return [VALIDATION_SEED_BASE + i for i in range(count)]

@@ -83,12 +83,14 @@ class DivergenceGuard:
         return any(self.bad_rows.values())
 
 
-def train_guarded(session: Any, nimg: int, duration_nimg: int, chunk: Callable[[int], int]) -> bool:
-    """`nimg = chunk(nimg)` until `duration_nimg`. A `Diverged` is reported as the run's last metrics
-    rather than raised: every rank reaches the same verdict, and a failed worker would be restarted by
-    Ray Train from the last checkpoint only to diverge again. False when the guard stopped the run."""
+def train_guarded(session: Any, nimg: int, duration_nimg: int, chunk: Callable[[int], int],
+                  stopped: Callable[[], bool] = lambda: False) -> bool:
+    """`nimg = chunk(nimg)` until `duration_nimg` or `stopped()` (an early stop that keeps the run). A
+    `Diverged` is reported as the run's last metrics rather than raised: every rank reaches the same
+    verdict, and a failed worker would be restarted by Ray Train from the last checkpoint only to
+    diverge again. False when the guard stopped the run."""
     try:
-        while nimg < duration_nimg:
+        while nimg < duration_nimg and not stopped():
             nimg = chunk(nimg)
         return True
     except Diverged as e:

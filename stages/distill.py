@@ -11,17 +11,26 @@ DMD2's two time-scale rule. `method: dmd2` replaces the regression by DMD2's GAN
 the fake score's bottleneck features (pipeline/diffusion/gan.py), trained with the fake score on
 real images (the encode shards) and G's, noised at the same sigma; G adds `gan_g_weight` x its
 non-saturating GAN loss. Checkpoints, resume and failures work as in the teacher stage.
+
+Validation (pipeline/metrics/validation.py) watches the student: at the start, every `val_every_nimg`
+images and at the end, `val_images` one-step samples from fixed validation seeds are scored with the
+probe (fd_probe, class accuracy) into the metrics rows. `keep: best` commits the student of the best
+validation (`validation.json` and the manifest say which); fd_probe above `early_stop_ratio` x its
+best for `early_stop_patience` validations in a row is a collapse: the run stops there and keeps the best.
 """
 
 from __future__ import annotations
 
 import copy
+import io
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Iterator
 
+import numpy as np
 import torch
 
 from pipeline.config import DistillConfig
@@ -29,22 +38,24 @@ from pipeline.dag import StageContext
 from pipeline.data.encoders import encoder_from_info, lpips_decoder
 from pipeline.data.shards import reader
 from pipeline.diffusion.dmd import (OneStepGenerator, distribution_matching_loss, fake_score_loss, load_lpips,
-                                    lpips_regression_loss, sample_dm_sigma, student_sigmas)
+                                    lpips_regression_loss, sample_dm_sigma, seeded_student_sample, student_sigmas)
 from pipeline.diffusion.gan import (DiscriminatorHead, ScoreWithHead, bottleneck_channels, discriminator_loss,
                                     generator_loss)
 from pipeline.diffusion.loss import edm2_error, sample_sigma
 from pipeline.executor import DDPJob, TrainSession
+from pipeline.metrics.probe import ProbeFeatures
+from pipeline.metrics.validation import Reference, Watch, score
 from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
 from pipeline.models.edm2_release import load_guide
-from pipeline.seeds import mix_seed
+from pipeline.seeds import mix_seed, validation_seeds
 from pipeline.tracking import StageRun
 from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_state,
                                mixed_precision, save_state, train_guarded, zero_nonfinite_grads_)
-from pipeline.weights import load_network, save_network
+from pipeline.weights import load_network, load_probe, save_network
 
-VERSION = "4"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G; 4: dmd2
-UPSTREAM = ("encode", "teacher", "phema", "pairs")
+VERSION = "5"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G; 4: dmd2; 5: validation
+UPSTREAM = ("encode", "probe", "teacher", "phema", "pairs")
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,7 @@ class DistillArgs:
     pair_urls: list[str]  # dmd: the regression pairs
     real_urls: list[str]  # dmd2: the encode shards, real images for the GAN head
     encoder: dict[str, Any]
+    probe: Artifact | None  # validation's probe (None: no validation)
     artifact: Artifact
     seed: int
     tracking: StageRun | None = None  # the stage's tracker runs, for rank 0's MetricsLog
@@ -176,6 +188,12 @@ def _dm_loss(nets: Nets, x: torch.Tensor, labels: torch.Tensor | None, args: Dis
                                       guidance=args.cfg.guidance, guide=nets.guide)
 
 
+def generator_lr(cfg: DistillConfig, nimg: int) -> float:
+    """G's learning rate for the step after `nimg` images: a linear warm-up over `lr_rampup_nimg`, so that the
+    fake score, which starts as the teacher, can follow G's first moves."""
+    return cfg.lr * min((nimg + cfg.batch) / cfg.lr_rampup_nimg, 1.0) if cfg.lr_rampup_nimg else cfg.lr
+
+
 def _g_step(nets: Nets, loss: torch.Tensor, args: DistillArgs) -> tuple[float, bool]:
     return _step(nets.opt_g, loss, [p for p in nets.generator.parameters() if p.requires_grad], args.cfg.grad_clip)
 
@@ -254,22 +272,70 @@ def train_step_dmd2(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn
     return generator_update_dmd2(nets, gen_model, args, batch, device, x, labels, _fake_rows(fakes))
 
 
-def _restore(nets: Nets, path: str) -> int:
+def _restore(nets: Nets, watch: Watch, path: str) -> int:
     state = load_state(path)
     nets.generator.load_state_dict(state["generator"])
     nets.fake.load_state_dict(state["fake"])
     nets.opt_g.load_state_dict(state["opt_g"])
     nets.opt_f.load_state_dict(state["opt_f"])
+    watch.load(state["watch"])
     return int(state["nimg"])
 
 
-def _checkpoint(session: TrainSession, nets: Nets, nimg: int) -> None:
+def _checkpoint(session: TrainSession, nets: Nets, watch: Watch, nimg: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = None
         if session.rank == 0:
             path = save_state(tmp, {"generator": nets.generator.state_dict(), "fake": nets.fake.state_dict(),
-                                    "opt_g": nets.opt_g.state_dict(), "opt_f": nets.opt_f.state_dict(), "nimg": nimg})
+                                    "opt_g": nets.opt_g.state_dict(), "opt_f": nets.opt_f.state_dict(),
+                                    "watch": watch.state(), "nimg": nimg})
         session.report({"nimg": nimg}, path)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """What a worker validates with: the probe, its reference statistics, the decoder, its share of the seeds."""
+
+    probe: ProbeFeatures
+    reference: Reference
+    decode: Callable[[torch.Tensor], np.ndarray]
+    seeds: list[int]
+
+
+def _validation(args: DistillArgs, session: TrainSession, encoder: Any) -> Validation | None:
+    if args.probe is None:
+        return None
+    ref = np.load(io.BytesIO(args.probe.read_bytes("reference.npz")))
+    seeds = validation_seeds(args.cfg.val_images)[session.rank::session.world_size]
+    return Validation(ProbeFeatures(load_probe(args.probe), str(session.device)), Reference(ref["mu"], ref["sigma"]),
+                      encoder.decode, seeds)
+
+
+def validate(session: TrainSession, args: DistillArgs, nets: Nets, val: Validation, watch: Watch,
+             nimg: int) -> dict[str, float]:
+    """Score the student (eval mode: no in-place weight renormalisation) on the validation seeds, record it
+    in `watch`; the log row's figures. On a collapse, rank 0 says so in one line."""
+    net, cfg = nets.generator.denoiser, args.cfg
+    sigmas = student_sigmas(cfg.student_steps, cfg.sigma_init)
+    net.eval()
+    start = time.perf_counter()
+    try:
+        figures = score(lambda seeds: seeded_student_sample(net, sigmas, seeds, session.device), val.decode, val.probe,
+                        val.reference, val.seeds, cfg.val_batch, session.all_reduce, session.device)
+    finally:
+        net.train()
+    watch.add(nimg, figures, net.state_dict)
+    row = {f"val_{k}": float(v) for k, v in figures.items() if v is not None and k != "count"}
+    row["val_seconds"] = time.perf_counter() - start  # validation's cost, beside the steps' img_per_s
+    session.report({"nimg": nimg, **row}, None)  # every rank: a sweep's scheduler (Ray Tune) reads it
+    if watch.stopped and session.rank == 0:
+        sys.stdout.write(f"distill: stopping early at {nimg} images: {watch.stopped}; keeping the student of "
+                         f"{watch.best['nimg']} images\n")
+    return row
+
+
+def _validation_due(cfg: DistillConfig, nimg: int) -> bool:
+    return bool(cfg.val_every_nimg) and (nimg % cfg.val_every_nimg == 0 or nimg == cfg.duration_nimg)
 
 
 def _steps(session: TrainSession, args: DistillArgs, nets: Nets, gen_model: torch.nn.Module,
@@ -289,8 +355,9 @@ def _steps(session: TrainSession, args: DistillArgs, nets: Nets, gen_model: torc
 
 def _train_chunk(session: TrainSession, args: DistillArgs, nets: Nets, gen_model: torch.nn.Module,
                  fake_model: torch.nn.Module, kit: dict[str, Any], log: MetricsLog, guard: DivergenceGuard,
-                 nimg: int) -> int:
-    """Generator steps from `nimg` to the next checkpoint (or the end), checkpoint; returns the images seen."""
+                 watch: Watch, nimg: int) -> int:
+    """Generator steps from `nimg` to the next checkpoint (or the end, or an early stop), validations
+    where due, checkpoint; returns the images seen."""
     cfg, rank = args.cfg, session.rank
     chunk_start = nimg
     chunk_end = min((nimg // cfg.checkpoint_nimg + 1) * cfg.checkpoint_nimg, cfg.duration_nimg)
@@ -299,7 +366,10 @@ def _train_chunk(session: TrainSession, args: DistillArgs, nets: Nets, gen_model
     tick, sums = time.perf_counter(), []
     for _ in range(steps):
         torch.manual_seed(mix_seed(args.seed, rank, nimg))
-        sums.append(step())
+        lr = generator_lr(cfg, nimg)
+        for group in nets.opt_g.param_groups:
+            group["lr"] = lr
+        sums.append({**step(), "lr": lr})
         if not guard.reference:  # this process's first step: the scale the guard holds losses to
             first = _row(session, sums[-1:], nimg, 0, 1.0)
             guard.start(loss_g=first["loss_g"], loss_fake=first["loss_fake"])
@@ -307,34 +377,64 @@ def _train_chunk(session: TrainSession, args: DistillArgs, nets: Nets, gen_model
         guard.step(not sums[-1]["nonfinite_steps"], nimg)
         if nimg % cfg.log_nimg == 0 or nimg == chunk_end:
             row = _row(session, sums, nimg, len(sums) * cfg.batch, time.perf_counter() - tick)
+            if kit["validation"] is not None and _validation_due(cfg, nimg):
+                row.update(validate(session, args, nets, kit["validation"], watch, nimg))
             log.add(row)
             guard.row(row)
             tick, sums = time.perf_counter(), []
+            if watch.stopped:
+                break
     log.flush(args.artifact, chunk_start)
     if guard.suspect():
         raise Diverged(f"distill diverged at {nimg} images: a loss was out of range at this checkpoint (see "
                        f"metrics.jsonl), so it was not saved. {guard.fix}")
-    _checkpoint(session, nets, nimg)
+    _checkpoint(session, nets, watch, nimg)
     return nimg
 
 
+def _falling_back(args: DistillArgs, log: MetricsLog, watch: Watch, chunk: Callable[[int], int], nimg: int) -> int:
+    """`chunk(nimg)`; when the divergence guard stops it and a validated best student is kept (keep: best),
+    the run stops there and commits that student instead of failing: it says so, and the manifest too."""
+    try:
+        return chunk(nimg)
+    except Diverged as e:
+        if watch.best_weights is None:
+            raise
+        log.flush(args.artifact, nimg)  # the rows up to the divergence, for the curves
+        watch.stopped = f"the divergence guard stopped it ({e})"
+        return nimg
+
+
+def _save_student(args: DistillArgs, nets: Nets, watch: Watch) -> None:
+    """The student (the best validation's weights with keep: best) and `validation.json`: the curve,
+    the validation of the student kept, and why the run stopped early (if it did)."""
+    best = args.cfg.keep == "best"
+    save_network(args.artifact, "student", nets.generator.denoiser, watch.best_weights if best else None)
+    kept = watch.best if best else (watch.curve[-1] if watch.curve else None)
+    args.artifact.write_json("validation.json", {"curve": watch.curve, "kept": kept, "stopped": watch.stopped})
+
+
 def train_loop(session: TrainSession, args: DistillArgs) -> None:
-    """Runs on every DDP worker: generator steps in chunks between checkpoints."""
+    """Runs on every DDP worker: generator steps in chunks between checkpoints, validations where due."""
     cfg, device = args.cfg, session.device
     nets = build_nets(args, device)
-    nimg = session.restore(partial(_restore, nets)) or 0
+    watch = Watch(cfg.keep == "best", cfg.early_stop_ratio, cfg.early_stop_patience)
+    nimg = session.restore(partial(_restore, nets, watch)) or 0
     gen_model, fake_model = session.wrap(nets.generator), session.wrap(nets.fake)
     encoder = encoder_from_info(args.encoder, str(device))
-    kit: dict[str, Any] = {"encoder": encoder}
+    kit: dict[str, Any] = {"encoder": encoder, "validation": _validation(args, session, encoder)}
     if cfg.method == "dmd":  # the regression's LPIPS (dmd2 has none)
         kit["to_pixels"] = lpips_decoder(encoder, cfg.lpips_decoder, str(device))
         kit["lpips"] = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights).to(device)
     log = MetricsLog("distill", cfg.duration_nimg, session.rank, args.tracking)
+    if kit["validation"] is not None and nimg == 0:  # the starting point of the curve
+        log.add({"nimg": 0, **validate(session, args, nets, kit["validation"], watch, 0)})
     guard = DivergenceGuard("distill", cfg.divergence_ratio, cfg.divergence_patience,
                             f"Lower distill.lr and distill.fake_lr (now {cfg.lr:g}, {cfg.fake_lr:g}).")
-    chunk = partial(_train_chunk, session, args, nets, gen_model, fake_model, kit, log, guard)
-    if train_guarded(session, nimg, cfg.duration_nimg, chunk) and session.rank == 0:
-        save_network(args.artifact, "student", nets.generator.denoiser)
+    chunk = partial(_falling_back, args, log, watch,
+                    partial(_train_chunk, session, args, nets, gen_model, fake_model, kit, log, guard, watch))
+    if train_guarded(session, nimg, cfg.duration_nimg, chunk, lambda: bool(watch.stopped)) and session.rank == 0:
+        _save_student(args, nets, watch)
 
 
 def _row(session: TrainSession, rows: list[dict[str, float]], nimg: int, images: int, seconds: float) -> dict[str, Any]:
@@ -357,7 +457,8 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
     args = DistillArgs(cfg, {k: teacher_cfg[k] for k in loss_keys}, inputs["phema"],
                        pairs["outputs"]["teacher"]["file"], pairs["config"]["guide"],
                        [inputs["pairs"].path(s) for s in pairs["outputs"]["shards"]],
-                       [inputs["encode"].path(s) for s in encode["shards"]], encode["encoder"], ctx.artifact, ctx.seed,
+                       [inputs["encode"].path(s) for s in encode["shards"]], encode["encoder"],
+                       inputs["probe"] if cfg.val_every_nimg else None, ctx.artifact, ctx.seed,
                        ctx.tracking)
     if cfg.method == "dmd":
         load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights)  # a backbone that cannot be had fails here
@@ -367,10 +468,27 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
     metrics = ctx.ddp(train_loop, args, job)
     rows = gather_metrics(ctx.artifact)
     check_diverged(metrics, "distill")
+    validation = _report_validation(ctx, cfg)
+    kept = validation["kept"] or {}
     return {
         "student": {"file": "student.safetensors", "config": "student.json", "nfe": cfg.student_steps,
-                    "sigmas": student_sigmas(cfg.student_steps, cfg.sigma_init)},
+                    "sigmas": student_sigmas(cfg.student_steps, cfg.sigma_init),
+                    "nimg": kept.get("nimg", rows[-1]["nimg"] if rows else cfg.duration_nimg), "keep": cfg.keep},
         "teacher": pairs["outputs"]["teacher"],
+        "validation": validation,
         "metrics": rows[-1] if rows else {},
         "train_wall_time_s": round(time.perf_counter() - start, 1),
     }
+
+
+def _report_validation(ctx: StageContext, cfg: DistillConfig) -> dict[str, Any]:
+    """validation.json for the manifest, and one log line on the student kept (and on an early stop)."""
+    validation = ctx.artifact.read_json("validation.json")
+    kept, stopped = validation["kept"], validation["stopped"]
+    if stopped:
+        ctx.log.warning("distill: stopped early: %s; the student kept is the one of %d images", stopped, kept["nimg"])
+    if kept:
+        accuracy = "" if kept.get("class_accuracy") is None else f", class accuracy {kept['class_accuracy']:.1%}"
+        ctx.log.info("distill: the student is the one of %d images (keep: %s): validation fd_probe %.4g%s over %d "
+                     "images", kept["nimg"], cfg.keep, kept["fd_probe"], accuracy, kept["count"])
+    return {**validation, "images": cfg.val_images if cfg.val_every_nimg else 0, "every_nimg": cfg.val_every_nimg}

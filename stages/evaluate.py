@@ -29,8 +29,8 @@ from pipeline.config import EvalConfig
 from pipeline.dag import StageContext
 from pipeline.data.encoders import decode_images, encoder_from_info
 from pipeline.data.shards import read_samples
-from pipeline.data.split import read_split
-from pipeline.diffusion.dmd import SIGMA_MAX, OneStepGenerator, student_sample
+from pipeline.data.split import read_split, stratified
+from pipeline.diffusion.dmd import SIGMA_MAX, seeded_student_sample
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import Resources
 from pipeline.metrics.features import load_network, worker_network
@@ -42,7 +42,7 @@ from pipeline.seeds import evaluation_seeds, mix_seed
 from pipeline.weights import load_network as load_denoiser
 from pipeline.weights import load_probe
 
-VERSION = "2"  # 2: the probe's metrics, the real row, several feature networks, per-class grids
+VERSION = "3"  # 2: the probe's metrics, the real row, several feature networks, per-class grids; 3: a stratified real row
 UPSTREAM = ("encode", "probe", "refstats", "teacher", "phema", "distill")
 
 
@@ -96,18 +96,15 @@ def generate(model: Model, net: torch.nn.Module, seeds: list[int], encoder: Any,
              classes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(uint8 images [B, H, W, 3], labels [B] or None) for these seeds: noise and label from each
     seed's generator; `classes`, if given, replaces the labels."""
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    noise, labels = seeded_noise(seeds, shape, net.num_classes, device)
-    if classes is not None and labels is not None:
-        labels = torch.tensor(classes, device=device)
+    given = None if classes is None else torch.tensor(classes, device=device)
     with torch.no_grad():
         if model.name == "teacher":
+            noise, labels = seeded_noise(seeds, (net.img_channels, net.img_resolution, net.img_resolution),
+                                         net.num_classes, device)
+            labels = given if given is not None and labels is not None else labels
             x = edm_sampler(net, noise, labels, num_steps=model.num_steps)
         else:  # the student: G(z) = D(sigmas[0] z, sigmas[0]), then its later steps if it has them
-            sigmas = list(model.sigmas) or [SIGMA_MAX]
-            renoise = [seeded_noise([s + (k << 32) for s in seeds], shape, 0, device)[0]  # per seed and step
-                       for k in range(1, len(sigmas))]
-            x = student_sample(OneStepGenerator(net, sigmas[0]), noise, labels, sigmas, renoise)
+            x, labels = seeded_student_sample(net, list(model.sigmas) or [SIGMA_MAX], seeds, device, given)
     return encoder.decode(x), None if labels is None else labels.cpu().numpy()
 
 
@@ -267,11 +264,14 @@ def score(model: Model, results: list[dict[str, Any]], refs: References) -> dict
     return row
 
 
-def _heldout(probe: Artifact, num_images: int) -> dict[str, np.ndarray]:
-    """The first `num_images` held-out samples of the probe's split, in index order."""
+def _heldout(probe: Artifact, num_images: int, seed: int) -> dict[str, np.ndarray]:
+    """A seeded sample of `num_images` of the probe's held-out images, every class in proportion (a
+    folder is encoded class by class: its first held-out images are a few classes), in index order."""
     split = read_split(probe)
-    keep = split.column("holdout").to_numpy(zero_copy_only=False)
-    return {k: split.column(k).to_numpy()[keep][:num_images] for k in ("shard", "position", "index", "label")}
+    held = split.column("holdout").to_numpy(zero_copy_only=False)
+    columns = {k: split.column(k).to_numpy()[held] for k in ("shard", "position", "index", "label")}
+    chosen = stratified(columns["label"], num_images, seed)
+    return {k: v[chosen] for k, v in columns.items()}
 
 
 def _real_rows(job: EvalJob, results: list[dict[str, Any]]) -> list[list[np.ndarray]]:
@@ -363,7 +363,7 @@ def run(ctx: StageContext, cfg: EvalConfig, inputs: dict[str, Artifact]) -> dict
     for name, weights in networks.items():
         load_network(name, weights, "cpu")  # weights gone since refstats fail here, before sampling
     encode = inputs["encode"].manifest()["outputs"]
-    heldout = _heldout(probe, cfg.num_images) if probe else {}
+    heldout = _heldout(probe, cfg.num_images, ctx.seed) if probe else {}
     models = _models(cfg, inputs, real=probe is not None)
     job = EvalJob(models, encode["encoder"], networks, probe, heldout,
                   [inputs["encode"].path(name) for name in encode["shards"]],

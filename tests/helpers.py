@@ -26,12 +26,15 @@ PAIRS_TINY = [
     "pairs.batch=5", "pairs.seed=100",
 ]
 
-# The distill stage's tests: PAIRS_TINY's teacher, 16 pairs, 8-image generator batches; DMD2 switches
-# to the GAN on real images, without pairs.
+# The distill stage's tests: PAIRS_TINY's teacher, 16 pairs, 8-image generator batches, no validation
+# (VALIDATION turns it on; the probe trains long enough on the 32 images for its features to tell them
+# apart); DMD2 switches to the GAN on real images, without pairs.
 DISTILL_TINY = [
     *PAIRS_TINY[:11], "pairs.num_pairs=16", "pairs.num_steps=4", "pairs.pairs_per_shard=16", "distill.batch=8",
     "distill.reg_batch=8", "distill.checkpoint_nimg=64", "distill.log_nimg=16", "distill.lpips_size=32",
+    "distill.val_every_nimg=0", "distill.keep=last", "encode.num_images=320", "probe.epochs=15", "probe.batch=32",
 ]
+VALIDATION = ["distill.val_every_nimg=32", "distill.val_images=24", "distill.val_batch=8", "distill.keep=best"]
 DMD2 = ["distill.method=dmd2", "distill.lambda_reg=0", "pairs.num_pairs=0", "distill.fake_updates_per_gen=2"]
 
 

@@ -1,4 +1,5 @@
-"""Image sources: synthetic shapes, an image folder, ImageNet (folders or per-class tars).
+"""Image sources: synthetic shapes, scikit-learn's handwritten digits, an image folder, ImageNet (folders
+or per-class tars).
 
 Every source is a small picklable object listed once on the driver and shipped to Ray
 tasks; `load(index)` returns the preprocessed uint8 image [res, res, 3], its class index
@@ -283,10 +284,48 @@ class ImageNetSource(_ListedSource):
         return store.read_range(store.join(self.root, f"{synset}.tar"), int(offset), int(size))
 
 
+# ---------------------------------------------------------------------------------------
+# scikit-learn's handwritten digits: a small real dataset that ships with the library (offline).
+
+
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images [1797, 8, 8], dark ink on white as scikit-learn shows them; labels [1797])."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ValueError("encode.source=digits needs scikit-learn, which ships the dataset: "
+                         "pip install 'onestep[datasets]' (or scikit-learn)") from e
+    digits = load_digits()
+    ink = np.round(digits.images * (255 / 16)).astype(np.uint8)  # 17 grey levels, 0..16
+    return 255 - ink, digits.target.astype(np.int64)
+
+
+class DigitsSource:
+    """The 1,797 8x8 greyscale digits of scikit-learn (UCI's optical digits), 10 classes, enlarged to
+    the resolution by the ADM preprocessing as any image file; `limit` > 0 takes a seeded sample,
+    every class in proportion, as the folder sources do."""
+
+    def __init__(self, resolution: int, limit: int = 0, seed: int = 0) -> None:
+        images, labels = _load_digits()
+        indices, self.labels = _take(([int(i) for i in np.flatnonzero(labels == c)] for c in range(10)), limit, seed)
+        self.images, self.indices = images[indices], indices
+        self.resolution, self.num_classes = resolution, 10
+        self.class_names = [str(c) for c in range(10)]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, index: int) -> tuple[np.ndarray, int, str]:
+        image = Image.fromarray(self.images[index])  # uint8 [8, 8]: greyscale
+        return preprocess(image, self.resolution), int(self.labels[index]), f"digits/{self.indices[index]}"
+
+
 def make_source(cfg: EncodeConfig, seed: int) -> ImageSource:
     """The configured source, validated and listed here on the driver."""
     if cfg.source == "synthetic":
         return SyntheticSource(cfg.num_images, cfg.resolution, cfg.num_classes, seed)
+    if cfg.source == "digits":
+        return DigitsSource(cfg.resolution, limit=cfg.num_images, seed=seed)
     if cfg.source == "imagefolder":
         return ImageFolderSource(cfg.path, cfg.resolution, limit=cfg.num_images, seed=seed)
     return ImageNetSource(cfg.path, cfg.resolution, limit=cfg.num_images, seed=seed)

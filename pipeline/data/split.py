@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data.sources import class_quotas
 from pipeline.store import Artifact
 
 COLUMNS = ("index", "shard", "position", "label", "holdout")
@@ -27,3 +28,13 @@ def write_split(artifact: Artifact, data: dict[str, np.ndarray]) -> None:
 def read_split(artifact: Artifact) -> pa.Table:
     """split.parquet: index, shard, position, label, holdout of every sample the probe used."""
     return pq.read_table(io.BytesIO(artifact.read_bytes("split.parquet")))
+
+
+def stratified(labels: np.ndarray, limit: int, seed: int) -> np.ndarray:
+    """Positions (sorted) of a seeded sample of `limit` of `labels` with every class in proportion to its
+    count (largest remainder), so that a sample of a dataset stored class by class covers every class."""
+    classes = np.unique(labels)
+    quotas = class_quotas([int((labels == c).sum()) for c in classes], limit)
+    rng = np.random.default_rng([seed, 0x5A3B1E])
+    picked = [rng.choice(np.flatnonzero(labels == c), quota, replace=False) for c, quota in zip(classes, quotas)]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)

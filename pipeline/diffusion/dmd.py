@@ -18,7 +18,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from pipeline import store
 from pipeline.diffusion.loss import LossOutput, edm2_loss
-from pipeline.diffusion.sampler import Denoiser, guided, time_steps
+from pipeline.diffusion.sampler import Denoiser, guided, seeded_draws, time_steps
 
 SIGMA_MAX = 80.0  # DMD: G(z) = D(sigma_max z, sigma_max) for an EDM teacher
 DM_EPS = 1e-8  # guards the per-sample normaliser of the DM gradient
@@ -74,6 +74,17 @@ def student_sample(generator: nn.Module, noise: torch.Tensor, labels: torch.Tens
     for sigma, n in zip(sigmas[1:], renoise):
         x = generator(x + sigma * n, labels, sigma=sigma)
     return x
+
+
+def seeded_student_sample(net: nn.Module, sigmas: list[float], seeds: list[int], device: torch.device | str,
+                          labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(images [B, C, H, W], labels [B] or None) of a student `net` (a Denoiser) with noise levels
+    `sigmas` for these seeds: noise, label and each later step's re-noising from each seed's generator
+    (`labels`, if given, replace the drawn ones), so a sample is the same in any batch."""
+    shape = (net.img_channels, net.img_resolution, net.img_resolution)
+    draws, drawn = seeded_draws(seeds, shape, net.num_classes, len(sigmas), device)
+    labels = drawn if labels is None or drawn is None else labels
+    return student_sample(OneStepGenerator(net, sigmas[0]), draws[0], labels, sigmas, list(draws[1:])), labels
 
 
 def karras_sigmas(

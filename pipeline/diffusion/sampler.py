@@ -69,17 +69,34 @@ def edm_sampler(
     return x.to(noise.dtype).contiguous()
 
 
+SEED_LIMIT = 1 << 32  # torch's CPU generator (mt19937) keeps only a seed's low 32 bits
+
+
+def seeded_draws(
+    seeds: Sequence[int], shape: tuple[int, ...], num_classes: int, draws: int, device: torch.device | str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`draws` unit Gaussian tensors per seed, [draws, B, *shape], and labels [B] (None if num_classes == 0),
+    all from one generator per seed: the first noise, then the label, then the later draws (a multi-step
+    student's re-noising). Seeds must be in [0, 2^32): torch would fold larger ones onto smaller ones."""
+    if len(seeds) == 0:
+        raise ValueError("seeded noise needs at least one seed")
+    if not all(0 <= int(s) < SEED_LIMIT for s in seeds):
+        raise ValueError(f"seeds must be in [0, 2^32): torch's generator keeps only the low 32 bits, so "
+                         f"{next(int(s) for s in seeds if not 0 <= int(s) < SEED_LIMIT)} would repeat a smaller seed's noise")
+    noise, labels = [], []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(int(seed))  # CPU generator: same draws on any device
+        first = torch.randn(shape, generator=gen)
+        if num_classes > 0:
+            labels.append(torch.randint(num_classes, (), generator=gen))
+        noise.append(torch.stack([first, *(torch.randn(shape, generator=gen) for _ in range(draws - 1))]))
+    batch_labels = torch.stack(labels).to(device) if labels else None
+    return torch.stack(noise, dim=1).to(device), batch_labels
+
+
 def seeded_noise(
     seeds: Sequence[int], shape: tuple[int, ...], num_classes: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Noise [B, *shape] and labels [B] (None if num_classes == 0), one generator per seed."""
-    if len(seeds) == 0:
-        raise ValueError("seeded_noise needs at least one seed")
-    noise, labels = [], []
-    for seed in seeds:
-        gen = torch.Generator().manual_seed(int(seed))  # CPU generator: same draws on any device
-        noise.append(torch.randn(shape, generator=gen))
-        if num_classes > 0:
-            labels.append(torch.randint(num_classes, (), generator=gen))
-    batch_labels = torch.stack(labels).to(device) if labels else None
-    return torch.stack(noise).to(device), batch_labels
+    draws, labels = seeded_draws(seeds, shape, num_classes, 1, device)
+    return draws[0], labels

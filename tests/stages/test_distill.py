@@ -1,6 +1,8 @@
 """The distill stage on a tiny ci teacher: it trains, the regression loss falls, the student loads,
-a killed run resumes to the same student."""
+a killed run resumes to the same student; validation keeps the best student and stops a collapse."""
 
+import io
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -12,11 +14,15 @@ from safetensors.torch import load_file
 
 from pipeline import config as C
 from pipeline import dag, store
-from pipeline.diffusion.dmd import OneStepGenerator
+from pipeline.data.encoders import encoder_from_info
+from pipeline.diffusion.dmd import OneStepGenerator, seeded_student_sample, student_sigmas
 from pipeline.executor import InlineExecutor, InlineSession
+from pipeline.metrics.probe import ProbeFeatures
+from pipeline.metrics.validation import Reference, score
+from pipeline.seeds import validation_seeds
 from pipeline.training import Diverged
-from pipeline.weights import load_network
-from helpers import DISTILL_TINY, DMD2, save_tiny_decoder, save_tiny_vae
+from pipeline.weights import load_network, load_probe
+from helpers import DISTILL_TINY, DMD2, VALIDATION, save_tiny_decoder, save_tiny_vae
 
 def _cfg(storage: str, *extra: str) -> C.Config:
     return C.load_config("ci", [*DISTILL_TINY, *extra], storage=storage)
@@ -29,7 +35,8 @@ def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
 @pytest.fixture(scope="module")
 def pairs_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("distill") / "store"
-    dag.run(_cfg(str(root)), until="pairs", executor=InlineExecutor())
+    for stage in ("pairs", "probe"):  # every upstream of distill
+        dag.run(_cfg(str(root)), until=stage, executor=InlineExecutor())
     return root
 
 
@@ -92,12 +99,13 @@ class KilledAfterFirstCheckpoint(InlineExecutor):
         train_fn(Dies(job), args)
 
 
-@pytest.mark.parametrize("method", ["dmd", "dmd2"])
+@pytest.mark.parametrize("method", ["dmd with validation", "dmd2"])
 def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, tmp_path, method):
-    students = {}
+    students, validations = {}, {}
     for name, executor in (("whole", InlineExecutor()), ("killed", KilledAfterFirstCheckpoint())):
         shutil.copytree(pairs_store, tmp_path / name)
-        extra = DMD2 if method == "dmd2" else []  # dmd2: the head and its real-image stream resume too
+        # dmd2: the head and its real-image stream resume too; validation: the best student and the curve
+        extra = DMD2 if method == "dmd2" else [*VALIDATION, "distill.early_stop_patience=0"]
         cfg = _cfg(str(tmp_path / name), "distill.duration_nimg=128", *extra)  # checkpoints at 64 and 128
         if name == "killed":
             with pytest.raises(KeyboardInterrupt):
@@ -105,7 +113,11 @@ def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, 
             assert _artifact(cfg, "distill").state() != "done"
         dag.run(cfg, until="distill", executor=executor)  # the rerun resumes from the checkpoint at 64
         students[name] = load_file(_artifact(cfg, "distill").path("student.safetensors"))
-        assert [r["nimg"] for r in _rows(_artifact(cfg, "distill"))] == list(range(16, 129, 16))
+        validations[name] = _artifact(cfg, "distill").manifest()["outputs"]["validation"]
+        validated = [0] if method != "dmd2" else []
+        assert [r["nimg"] for r in _rows(_artifact(cfg, "distill"))] == validated + list(range(16, 129, 16))
+    assert validations["whole"] == validations["killed"]
+    assert [p["nimg"] for p in validations["whole"]["curve"]] == ([0, 32, 64, 96, 128] if method != "dmd2" else [])
     assert students["whole"].keys() == students["killed"].keys()
     for key, value in students["whole"].items():
         assert torch.equal(value, students["killed"][key]), key
@@ -172,3 +184,85 @@ def test_a_diverging_distillation_stops_before_commit(storage):
                                        r"\(now 100, 100\)\..*not committed"):
         dag.run(cfg, until="distill", executor=InlineExecutor())
     assert _artifact(cfg, "distill").state() != "done"
+
+
+NO_GUARD = ["distill.divergence_ratio=1e9"]  # the sabotage's fake-score loss would trip the divergence guard
+
+
+def _sabotage_g_after(monkeypatch, steps: int) -> None:
+    """From generator step `steps` + 1 on, every step ends by raising G's output gain by 3: saturated
+    colour noise (fd_probe ~10x the untouched student's with the tests' probe)."""
+    from stages import distill as D
+
+    original, calls = D._g_step, itertools.count(1)
+
+    def g_step(nets, loss, args):
+        out = original(nets, loss, args)
+        if next(calls) > steps:
+            with torch.no_grad():
+                nets.generator.denoiser.unet.out_gain.add_(3.0)
+        return out
+
+    monkeypatch.setattr(D, "_g_step", g_step)
+
+
+def _rescore(cfg: C.Config) -> float:
+    """The stored student's fd_probe on the validation seeds, computed here from its file."""
+    student = load_network(_artifact(cfg, "distill"), "student")
+    probe = _artifact(cfg, "probe")
+    ref = np.load(io.BytesIO(probe.read_bytes("reference.npz")))
+    encoder = encoder_from_info(_artifact(cfg, "encode").manifest()["outputs"]["encoder"])
+    sigmas = student_sigmas(cfg.distill.student_steps, cfg.distill.sigma_init)
+    figures = score(lambda seeds: seeded_student_sample(student, sigmas, seeds, "cpu"), encoder.decode,
+                    ProbeFeatures(load_probe(probe), "cpu"), Reference(ref["mu"], ref["sigma"]),
+                    validation_seeds(cfg.distill.val_images), 8, lambda t: t, torch.device("cpu"))
+    return figures["fd_probe"]
+
+
+def test_keep_best_commits_the_best_validated_student_when_the_last_steps_are_made_worse(storage, monkeypatch):
+    _sabotage_g_after(monkeypatch, 8)  # steps 9-12 (images 72-96) wreck G: the validation at 96 is the worst
+    cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=96", "distill.early_stop_patience=0", *NO_GUARD)
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    out = _artifact(cfg, "distill").manifest()["outputs"]
+    curve = out["validation"]["curve"]
+    assert [p["nimg"] for p in curve] == [0, 32, 64, 96] and curve[-1]["fd_probe"] > 10 * min(p["fd_probe"] for p in curve[:-1])
+    kept = min(curve, key=lambda p: p["fd_probe"])
+    assert out["validation"]["kept"] == kept and out["student"]["nimg"] == kept["nimg"] and kept["nimg"] < 96
+    assert _rescore(cfg) == pytest.approx(kept["fd_probe"], rel=1e-6)  # the file holds the weights it was chosen for
+    rows = {r["nimg"]: r for r in _rows(_artifact(cfg, "distill"))}
+    assert all(rows[p["nimg"]]["val_fd_probe"] == p["fd_probe"] for p in curve)  # the curve is in metrics.jsonl
+
+
+def test_keep_last_commits_the_last_step_even_when_it_is_worse(storage, monkeypatch):
+    _sabotage_g_after(monkeypatch, 8)
+    cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=96", "distill.early_stop_patience=0", "distill.keep=last",
+               *NO_GUARD)
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    out = _artifact(cfg, "distill").manifest()["outputs"]
+    assert out["validation"]["kept"]["nimg"] == out["student"]["nimg"] == 96
+    assert _rescore(cfg) == pytest.approx(out["validation"]["kept"]["fd_probe"], rel=1e-6)
+
+
+def test_a_collapse_stops_the_run_early_keeps_the_best_student_and_the_manifest_says_so(storage, monkeypatch, caplog):
+    _sabotage_g_after(monkeypatch, 4)  # from image 32 on
+    cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=512", "distill.early_stop_ratio=1.5",
+               "distill.early_stop_patience=2", *NO_GUARD)
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    art = _artifact(cfg, "distill")
+    out = art.manifest()["outputs"]
+    validation = out["validation"]
+    assert [p["nimg"] for p in validation["curve"]] == [0, 32, 64, 96]  # stopped after two bad validations
+    assert "above 1.5 x its best" in validation["stopped"] and "for 2 validations in a row" in validation["stopped"]
+    assert validation["kept"]["nimg"] in (0, 32) and out["student"]["nimg"] == validation["kept"]["nimg"]
+    assert _rows(art)[-1]["nimg"] == 96  # no step after the stop
+    assert "distill: stopped early" in caplog.text
+    assert _rescore(cfg) == pytest.approx(validation["kept"]["fd_probe"], rel=1e-6)
+
+
+def test_a_run_the_divergence_guard_stops_commits_its_best_validated_student_and_says_why(storage, monkeypatch):
+    _sabotage_g_after(monkeypatch, 8)  # the fake score's loss leaves its range: the guard stops the run at 96
+    cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=160", "distill.early_stop_patience=0")
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    validation = _artifact(cfg, "distill").manifest()["outputs"]["validation"]
+    assert validation["stopped"].startswith("the divergence guard stopped it (distill diverged at")
+    assert validation["kept"]["nimg"] < 96 and _rescore(cfg) == pytest.approx(validation["kept"]["fd_probe"], rel=1e-6)

@@ -82,7 +82,7 @@ def _args(cfg: C.Config, **distill: object) -> D.DistillArgs:
     teacher = _artifact(cfg, "teacher").manifest()["config"]
     loss = {k: teacher[k] for k in ("P_mean", "P_std", "weighting", "min_snr_gamma", "use_uncertainty")}
     return D.DistillArgs(replace(cfg.distill, **distill), loss, phema, "phema-0.1000.safetensors", "", [], [],
-                         encode["encoder"], _artifact(cfg, "distill"), 0)
+                         encode["encoder"], None, _artifact(cfg, "distill"), 0)
 
 
 def test_the_heads_update_leaves_g_alone_and_gs_update_leaves_the_head_and_fake_score_alone(pairs_cfg):
@@ -153,7 +153,7 @@ def _gaussian_run(gan_g_weight: float, steps: int = 150) -> float:
                           reg_batch=64, duration_nimg=64, checkpoint_nimg=64, log_nimg=64, grad_clip=1e9,
                           fake_updates_per_gen=2)
     args = D.DistillArgs(cfg, {"P_mean": -0.4, "P_std": 1.0, "weighting": "edm2", "min_snr_gamma": 5.0,
-                               "use_uncertainty": False}, None, "", "", [], [], {}, None, 0)
+                               "use_uncertainty": False}, None, "", "", [], [], {}, None, None, 0)
     teacher = GaussianScore(0.0, trainable=False)
     fake = ScoreWithHead(GaussianScore(0.0, trainable=True), DiscriminatorHead(2, hidden=16))
     generator = ShiftGenerator(0.0)
@@ -241,14 +241,19 @@ def test_a_two_step_student_trains_and_samples_with_its_two_steps(pairs_cfg):
     dag.run(cfg, until="distill", executor=InlineExecutor())
     distill = _artifact(cfg, "distill")
     assert distill.manifest()["outputs"]["student"] == {"file": "student.safetensors", "config": "student.json",
-                                                        "nfe": 2, "sigmas": student_sigmas(2)}
+                                                        "nfe": 2, "sigmas": student_sigmas(2), "nimg": 16,
+                                                        "keep": "last"}
     model = student_model(distill)
     assert (model.nfe, model.label, model.sigmas) == (2, "student (2 steps)", tuple(student_sigmas(2)))
     net = load_network(distill, "student")
     encoder = encoder_from_info(_artifact(cfg, "encode").manifest()["outputs"]["encoder"])
     images, labels = generate(model, net, [3, 4], encoder, "cpu")
     noise, seeded_labels = seeded_noise([3, 4], (3, 16, 16), net.num_classes, "cpu")
-    renoise = seeded_noise([3 + (1 << 32), 4 + (1 << 32)], (3, 16, 16), 0, "cpu")[0]
+    gens = [torch.Generator().manual_seed(s) for s in (3, 4)]  # each seed's generator: noise, label, re-noise
+    for gen in gens:
+        torch.randn((3, 16, 16), generator=gen), torch.randint(net.num_classes, (), generator=gen)
+    renoise = torch.stack([torch.randn((3, 16, 16), generator=gen) for gen in gens])
+    assert not torch.equal(renoise, noise)
     with torch.no_grad():
         g = OneStepGenerator(net)
         x = g(g(noise, seeded_labels) + student_sigmas(2)[1] * renoise, seeded_labels, sigma=student_sigmas(2)[1])

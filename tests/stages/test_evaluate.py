@@ -70,10 +70,11 @@ def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
     assert np.isclose(fd, rows[0]["fd_inception"], rtol=1e-4), (fd, rows[0]["fd_inception"])
     assert whole["correct"] / whole["labelled"] == rows[0]["class_accuracy"]
 
-    # Without the probe: no real row and no probe metrics; only the teacher-independent stages rerun.
-    off = replace(cfg, probe=replace(cfg.probe, enabled=False))
+    # Without the probe: no real row, no probe metrics, no validation in distill; the teacher is not retrained.
+    off = replace(cfg, probe=replace(cfg.probe, enabled=False),
+                  distill=replace(cfg.distill, val_every_nimg=0, keep="last"))
     plan = dag.run(off, until="evaluate", executor=InlineExecutor())
-    assert plan.to_run == ["probe", "evaluate"]
+    assert plan.to_run == ["probe", "distill", "evaluate"]
     rows = _artifact(off, "evaluate").manifest()["outputs"]["models"]
     assert [r["model"] for r in rows] == ["teacher", "teacher", "student"]
     assert all(r["fd_probe"] is None and r["fd_inception"] > 0 for r in rows)

@@ -34,7 +34,7 @@ def test_unknown_keys_list_the_valid_ones():
 
 
 def test_values_are_validated():
-    with pytest.raises(ValueError, match="encode.source = 'webcam': expected one of synthetic, imagefolder, imagenet"):
+    with pytest.raises(ValueError, match="encode.source = 'webcam': expected one of synthetic, digits, imagefolder, imagenet"):
         C.load_config("ci", ["encode.source=webcam"])
     with pytest.raises(ValueError, match="needs encode.path"):
         C.load_config("ci", ["encode.source=imagefolder"])
@@ -42,6 +42,20 @@ def test_values_are_validated():
         C.load_config("ci", ["executor=slurm"])
     with pytest.raises(ValueError, match="lpips_weights is set but distill.lpips_pretrained = false"):
         C.load_config("ci", ["distill.lpips_weights=/w/alexnet.pth"])  # ci: a random backbone
+    assert C.load_config("ci", ["encode.source=digits"]).encode.path == ""  # shipped with scikit-learn
+
+
+@pytest.mark.parametrize("settings,message", [
+    (["distill.val_every_nimg=48"], r"val_every_nimg = 48 must be a multiple of distill.log_nimg = 32"),
+    (["distill.val_every_nimg=0"], r"keep=best chooses the student from validations.*or distill.keep=last"),
+    (["distill.keep=first"], r"distill.keep = 'first': expected one of best, last"),
+    (["distill.early_stop_ratio=0.9"], r"early_stop_ratio = 0.9: must be > 1"),
+    (["distill.val_images=0"], r"distill.val_images = 0: must be > 0"),
+    (["probe.enabled=false"], r"validation scores samples with the probe.*distill.val_every_nimg=0 distill.keep=last"),
+])
+def test_validation_settings_are_checked(settings, message):
+    with pytest.raises(ValueError, match=message):
+        C.load_config("ci", settings)
 
 
 def test_unknown_preset_and_missing_file(tmp_path):

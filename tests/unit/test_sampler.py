@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.diffusion.sampler import edm_sampler, seeded_noise, time_steps
+from pipeline.diffusion.sampler import edm_sampler, seeded_draws, seeded_noise, time_steps
 
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
@@ -110,6 +110,16 @@ def test_seeded_noise_does_not_depend_on_batch() -> None:
     assert not torch.equal(noise[0], noise[1]) and len(set(labels.tolist())) > 1
     unconditional, none = seeded_noise(seeds, (2, 4, 4), num_classes=0, device="cpu")
     assert none is None and torch.equal(unconditional, noise)
+
+
+def test_seeded_draws_start_with_seeded_noise_and_draw_new_noise_after_the_label() -> None:
+    seeds = [3, 14, 15]
+    draws, labels = seeded_draws(seeds, (2, 4, 4), 10, 3, "cpu")
+    noise, same_labels = seeded_noise(seeds, (2, 4, 4), 10, "cpu")
+    assert draws.shape == (3, 3, 2, 4, 4) and torch.equal(draws[0], noise) and torch.equal(labels, same_labels)
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+    one, _ = seeded_draws([14], (2, 4, 4), 10, 3, "cpu")
+    assert torch.equal(one[:, 0], draws[:, 1])  # per seed, whatever the batch
 
 
 def test_sampler_per_sample_result_does_not_depend_on_batch() -> None:

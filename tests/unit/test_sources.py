@@ -12,7 +12,8 @@ from PIL import Image
 from pipeline import store
 from pipeline.config import EncodeConfig
 from pipeline.data.preprocess import CorruptImage, center_crop_adm, decode_image, to_rgb
-from pipeline.data.sources import ImageFolderSource, ImageNetSource, SyntheticSource, class_quotas, make_source
+from pipeline.data.sources import (DigitsSource, ImageFolderSource, ImageNetSource, SyntheticSource, class_quotas,
+                                   make_source)
 from helpers import image_bytes, make_image_folder, make_imagenet
 
 SYNSETS = ["n01440764", "n01443537", "n02085620"]
@@ -105,6 +106,41 @@ def test_synthetic_varies_within_class() -> None:
     diffs = np.abs(images[:, None] - images[None]).mean(axis=(2, 3, 4))
     assert diffs[np.triu_indices(len(images), 1)].min() > 5
     assert images.std(axis=0).mean() > 20  # every pixel varies across the class
+
+
+# --- scikit-learn's digits -------------------------------------------------------------
+
+
+def test_digits_are_scikit_learns_images_as_dark_ink_on_white_with_their_labels() -> None:
+    from sklearn.datasets import load_digits
+
+    raw = load_digits()
+    src = DigitsSource(8)  # at their own size the preprocessing leaves the pixels alone
+    assert (len(src), src.num_classes, src.class_names) == (1797, 10, [str(c) for c in range(10)])
+    assert np.bincount(src.labels).tolist() == np.bincount(raw.target).tolist()
+    for index in (0, 500, 1796):
+        image, label, source_id = src.load(index)
+        original = int(source_id.removeprefix("digits/"))
+        expected = 255 - np.round(raw.images[original] * 255 / 16)
+        assert image.shape == (8, 8, 3) and np.array_equal(image[..., 1], expected) and label == raw.target[original]
+    big, _, _ = DigitsSource(16).load(0)
+    assert big.shape == (16, 16, 3) and big.min() < 60 and big.max() > 240  # ink and paper survive the enlarging
+
+
+def test_num_images_of_the_digits_is_a_seeded_sample_of_every_class() -> None:
+    sample = DigitsSource(16, limit=100, seed=5)
+    assert np.bincount(sample.labels).tolist() == [10] * 10
+    assert np.array_equal(sample.indices, DigitsSource(16, limit=100, seed=5).indices)
+    assert not np.array_equal(sample.indices, DigitsSource(16, limit=100, seed=6).indices)
+    assert isinstance(make_source(EncodeConfig(source="digits", num_images=0), seed=0), DigitsSource)
+
+
+def test_digits_without_scikit_learn_name_the_extra(monkeypatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # an import of it now fails
+    with pytest.raises(ValueError, match=r"needs scikit-learn.*onestep\[datasets\]"):
+        DigitsSource(16)
 
 
 # --- folders --------------------------------------------------------------------------

@@ -1,0 +1,91 @@
+"""Validation's pieces: its seeds, its scores reduced over ranks, and what it decides (keep, stop)."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.metrics.fid import FeatureStats, frechet_distance
+from pipeline.metrics.probe import ProbeFeatures, ProbeNet
+from pipeline.metrics.validation import Reference, Watch, score
+from pipeline import config as C
+from pipeline.diffusion.sampler import SEED_LIMIT, seeded_noise
+from pipeline.seeds import PAIRS_SEED_BASE, evaluation_seeds, validation_seeds
+
+
+def test_validation_pairs_and_evaluation_draw_different_noise():
+    """Checked on the noise itself: torch's generator keeps only a seed's low 32 bits, so 2^40 + i would
+    draw evaluate's noise of seed i."""
+    shape, n = (3, 4, 4), 200
+    evaluated = seeded_noise(evaluation_seeds(0, n), shape, 0, "cpu")[0]
+    validated = seeded_noise(validation_seeds(n), shape, 0, "cpu")[0]
+    paired = seeded_noise([PAIRS_SEED_BASE + i for i in range(n)], shape, 0, "cpu")[0]
+    rows = {tuple(r.tolist()) for r in torch.cat([evaluated, validated, paired]).flatten(1)}
+    assert len(rows) == 3 * n
+    assert validation_seeds(3) == validation_seeds(5)[:3]  # fixed: the same seeds at every validation
+    assert max(validation_seeds(50_000)) < SEED_LIMIT and min(validation_seeds(1)) >= PAIRS_SEED_BASE + 50_000
+    with pytest.raises(ValueError, match=r"seeds must be in \[0, 2\^32\).*would repeat"):
+        seeded_noise([5 + (1 << 32)], shape, 0, "cpu")
+
+
+def test_pairs_seeds_that_overlap_evaluations_are_refused():
+    with pytest.raises(ValueError, match=r"pairs.seed = 0: the pairs' seeds \[0, 64\) overlap evaluate's"):
+        C.load_config("ci", ["pairs.seed=0"])
+    assert C.load_config("ci").pairs.seed == PAIRS_SEED_BASE
+
+
+def _probe() -> ProbeFeatures:
+    torch.manual_seed(0)
+    return ProbeFeatures(ProbeNet(num_classes=3, resolution=8, channels=(4,), feature_dim=5), "cpu")
+
+
+def _sampler(seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images and labels that depend only on each seed."""
+    x = torch.stack([torch.randn(3, 8, 8, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return x.clamp(-1, 1), torch.tensor([s % 3 for s in seeds])
+
+
+def _decode(x: torch.Tensor) -> np.ndarray:
+    return (x * 127.5 + 128).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_the_score_of_two_ranks_sharing_the_seeds_is_the_score_of_one_rank_with_all():
+    probe, seeds = _probe(), list(range(40))
+    ref = Reference(np.zeros(5), np.eye(5))
+    one = score(_sampler, _decode, probe, ref, seeds, 16, lambda t: t, torch.device("cpu"))
+    sent = []
+    score(_sampler, _decode, probe, ref, seeds[1::2], 16, lambda t: sent.append(t.clone()) or t, torch.device("cpu"))
+    two = score(_sampler, _decode, probe, ref, seeds[0::2], 7, lambda t: t + sent[0], torch.device("cpu"))
+    assert two["count"] == one["count"] == 40
+    assert two["fd_probe"] == pytest.approx(one["fd_probe"], rel=1e-9)
+    assert two["class_accuracy"] == one["class_accuracy"]
+    features, predicted = probe.embed(_decode(_sampler(seeds)[0]))  # by hand
+    stats = FeatureStats(5)
+    stats.add(features)
+    assert one["fd_probe"] == pytest.approx(frechet_distance(stats.mean(), stats.cov(), ref.mu, ref.sigma), rel=1e-9)
+    assert one["class_accuracy"] == np.mean(predicted == np.arange(40) % 3)
+
+
+def _weights(value: float):
+    return lambda: {"w": torch.full((2,), value)}
+
+
+def test_watch_keeps_the_best_weights_and_stops_after_patience_validations_above_ratio_x_best():
+    watch = Watch(keep_best=True, ratio=2.0, patience=2)
+    assert watch.add(0, {"fd_probe": 10.0}, _weights(0))
+    assert watch.add(100, {"fd_probe": 4.0}, _weights(1))
+    assert not watch.add(200, {"fd_probe": 9.0}, _weights(2)) and watch.worse == 1 and not watch.stopped
+    assert not watch.add(300, {"fd_probe": 7.0}, _weights(3)) and watch.worse == 0  # within 2x: the count restarts
+    assert not watch.add(400, {"fd_probe": 8.5}, _weights(4)) and not watch.stopped
+    assert not watch.add(500, {"fd_probe": 30.0}, _weights(5))
+    assert "above 2 x its best (4 at 100 images) for 2 validations" in watch.stopped
+    assert watch.best["nimg"] == 100 and torch.equal(watch.best_weights["w"], torch.full((2,), 1.0))
+    resumed = Watch(keep_best=True, ratio=2.0, patience=2)
+    resumed.load(watch.state())
+    assert resumed.state() == watch.state()
+
+
+def test_watch_without_keep_best_holds_no_weights_and_patience_0_never_stops():
+    watch = Watch(keep_best=False, ratio=1.5, patience=0)
+    for nimg, fd in enumerate([1.0, 50.0, 60.0, 70.0, 80.0]):
+        watch.add(nimg, {"fd_probe": fd}, _weights(nimg))
+    assert watch.best_weights is None and watch.best["fd_probe"] == 1.0 and watch.worse == 4 and not watch.stopped
