@@ -1,9 +1,10 @@
-"""`onestep run | status | show | verify | sample | sweep | import-edm2 | runtime-env`: the command line, also
+"""`onestep run | status | runs | show | verify | sample | sweep | import-edm2 | runtime-env`: the command line, also
 behind `workflows/full.py`.
 
     onestep run                          # the demo preset into ./artifacts
     onestep run --config ci --storage /tmp/os --set encode.num_images=200 --dry-run
     onestep status --config ci --storage /tmp/os
+    onestep runs --storage /tmp/os                      # every artifact stored: status, headline, config diff
     onestep show encode --config ci --storage /tmp/os
     onestep verify --config ci --storage /tmp/os        # re-read every stored file against its manifest
     onestep run --repair encode --config ci --storage /tmp/os
@@ -53,6 +54,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     add_run_args(sub.add_parser("run", help="compute the missing artifacts of the DAG"))
     _add_config_args(sub.add_parser("status", help="a table of every stage's artifact"))
+    runs = sub.add_parser("runs", help="a table of every artifact on a storage: stage, key, status, headline "
+                          "numbers, config against the preset (from the manifests; no tracking backend needed)")
+    runs.add_argument("--storage", default="./artifacts", help="artifact root URL (default: ./artifacts)")
+    runs.add_argument("--stage", nargs="+", default=[], metavar="STAGE", help="only these stages (default: all)")
+    runs.add_argument("--config", default=None, help="compare every config with this preset or YAML file "
+                      "(default: each artifact's own preset)")
     show = sub.add_parser("show", help="print one stage's manifest")
     show.add_argument("stage")
     _add_config_args(show)
@@ -224,6 +231,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from pipeline import runs
+
+    stages = list(dag.STAGE_MODULES)
+    dag.check_names(dict.fromkeys(stages), args.stage, "--stage")
+    if args.config is not None:
+        C.load_config(args.config)  # an unknown preset fails here, naming the presets
+    print(runs.table(args.storage, args.stage or stages, args.config))
+    return 0
+
+
 def cmd_sweep(args: argparse.Namespace) -> int:
     from pipeline import sweep
     from pipeline.executor import make_executor
@@ -270,6 +288,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "runtime-env":
             return cmd_runtime_env(args)
+        if args.command == "runs":
+            return cmd_runs(args)
         if args.command == "sweep":
             return cmd_sweep(args)
         if args.command == "status":

@@ -386,6 +386,34 @@ class EstimateConfig:
                 raise ValueError(f"estimate.{name} = {getattr(self, name)}: must be >= 0 (0 = not stated)")
 
 
+TRACKING_BACKENDS = ("tensorboard", "mlflow", "wandb")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Live experiment tracking (pipeline/tracking.py). Not a stage: never part of a cache key, and a
+    backend that is down costs one warning line, never the run. Credentials come from the environment
+    only (MLFLOW_TRACKING_TOKEN or MLFLOW_TRACKING_USERNAME/_PASSWORD, WANDB_API_KEY)."""
+
+    backends: tuple[str, ...] = ("tensorboard",)  # any of: tensorboard (event files in each training artifact), mlflow, wandb
+    mlflow_uri: str = ""  # http(s)://HOST:PORT of a tracking server, or sqlite:///FILE.db; "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db
+    experiment: str = "onestep"  # the MLflow experiment and the W&B project
+    wandb_mode: str = "online"  # online | offline (run folders under wandb_dir, uploaded later by `wandb sync`)
+    wandb_dir: str = ""  # W&B writes its run folders under DIR/wandb/ ("" = the current folder)
+    timeout_s: float = 10.0  # per request to a tracking server; a backend that fails is dropped for the run
+
+    def __post_init__(self) -> None:
+        for name in self.backends:
+            _check_choice("tracking", "backends", name, TRACKING_BACKENDS)
+        if len(set(self.backends)) != len(self.backends):
+            raise ValueError(f"tracking.backends = {list(self.backends)}: a backend is named twice")
+        _check_choice("tracking", "wandb_mode", self.wandb_mode, ("online", "offline"))
+        _check_positive("tracking", timeout_s=self.timeout_s)
+        if self.mlflow_uri and "://" not in self.mlflow_uri and self.mlflow_uri != "databricks":
+            raise ValueError(f"tracking.mlflow_uri = {self.mlflow_uri!r}: MLflow 3 keeps local runs in a database: use "
+                             f"sqlite:///{self.mlflow_uri.rstrip('/')}.db, or http://HOST:PORT of a tracking server")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole run: where artifacts live, how work is executed, and every stage's config."""
@@ -406,6 +434,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def __post_init__(self) -> None:
         _check_choice("config", "executor", self.executor, ("ray", "inline"))

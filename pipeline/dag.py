@@ -22,7 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from pipeline import config as C
-from pipeline import lease, store
+from pipeline import lease, store, tracking
 from pipeline.executor import DDPJob, Executor, Resources, TrainSession, make_executor
 
 log = logging.getLogger("onestep")
@@ -180,6 +180,7 @@ class StageContext:
     executor: Executor
     seed: int
     log: logging.Logger = log
+    tracking: tracking.StageRun | None = None  # for a training loop's MetricsLog (pipeline/training.py)
 
     def map(self, fn: Any, items: list[Any], resources: Resources = Resources(), desc: str = "") -> list[Any]:
         return self.executor.map(fn, items, resources, desc)
@@ -189,13 +190,29 @@ class StageContext:
 
 
 def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor,
-              before_commit: Callable[[], None] = lambda: None) -> dict[str, Any]:
+              before_commit: Callable[[], None] = lambda: None,
+              runs: tracking.DagRun | None = None) -> dict[str, Any]:
+    """Run one stage and commit its artifact; with `runs`, inside its tracking runs (a child of the DAG's)."""
+    artifact = st.artifact(node.name, keys[node.name])
+    upstream = {u: keys[u] for u in node.upstream}
+    stage_run = runs.stage(node.name, keys[node.name], upstream, node.config(cfg), artifact.url) if runs else None
+    manifest = None
+    try:
+        manifest = _run_and_commit(node, cfg, st, keys, executor, before_commit, stage_run)
+        return manifest
+    finally:
+        if runs:
+            runs.end(stage_run, artifact, manifest)
+
+
+def _run_and_commit(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor,
+                    before_commit: Callable[[], None], stage_run: tracking.StageRun | None) -> dict[str, Any]:
     artifact = st.artifact(node.name, keys[node.name])
     section = node.config(cfg)
     inputs = {u: st.artifact(u, keys[u]) for u in node.upstream}
     for upstream in inputs.values():
         upstream.check_sizes()  # one listing each: a missing or cut file stops here, naming the fix
-    ctx = StageContext(artifact, executor, cfg.seed)
+    ctx = StageContext(artifact, executor, cfg.seed, tracking=stage_run)
     log.info("%s: running (key %s) -> %s", node.name, keys[node.name], store.redact(artifact.url))
     start = time.time()
     try:
@@ -209,6 +226,7 @@ def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], 
         "stage": node.name,
         "key": keys[node.name],
         "version": node.version,
+        "preset": cfg.preset,
         "config": C.to_dict(section),
         "seed": cfg.seed,
         "upstream": {u: keys[u] for u in node.upstream},
@@ -242,13 +260,14 @@ def run(cfg: C.Config, only: list[str] = (), force: list[str] = (), until: str |
     for name in plan.forced:  # all before any stage runs: no forced artifact outlives its remade inputs
         with lease.held(st.artifact(name, plan.keys[name]).url, cfg.lease_timeout_s, name, wait):
             st.artifact(name, plan.keys[name]).delete()
-    for name in plan.to_run:
-        artifact = st.artifact(name, plan.keys[name])
-        with lease.held(artifact.url, cfg.lease_timeout_s, name, wait) as held:
-            if artifact.state() == "done":  # committed by the run whose lease this one waited for
-                log.info("%s: made by another run meanwhile (key %s): using it", name, plan.keys[name])
-                continue
-            run_stage(nodes[name], cfg, st, plan.keys, executor, held.check)
+    with tracking.dag_run(cfg, plan.to_run) as runs:
+        for name in plan.to_run:
+            artifact = st.artifact(name, plan.keys[name])
+            with lease.held(artifact.url, cfg.lease_timeout_s, name, wait) as held:
+                if artifact.state() == "done":  # committed by the run whose lease this one waited for
+                    log.info("%s: made by another run meanwhile (key %s): using it", name, plan.keys[name])
+                    continue
+                run_stage(nodes[name], cfg, st, plan.keys, executor, held.check, runs)
     return plan
 
 

@@ -16,9 +16,11 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 import torch
 
 from pipeline import store
+from pipeline.tracking import LiveLog, StageRun
 
 STATE_FILE = "state.pt"
 STATE_CHECKSUM = "state.xxh3"
@@ -149,12 +151,14 @@ def mixed_precision(device: torch.device) -> torch.autocast:
 
 
 class MetricsLog:
-    """Rows of metrics: printed as a progress line on rank 0, written as JSONL pieces per chunk."""
+    """Rows of metrics: printed as a progress line on rank 0, written as JSONL pieces per chunk, and, given
+    the stage's `tracking.StageRun`, sent live from rank 0 to its trackers (pipeline/tracking.py)."""
 
-    def __init__(self, name: str, total_nimg: int, rank: int) -> None:
+    def __init__(self, name: str, total_nimg: int, rank: int, tracking: StageRun | None = None) -> None:
         self.name, self.total, self.rank = name, total_nimg, rank
         self.rows: list[dict[str, Any]] = []
         self.start = time.perf_counter()
+        self.live = LiveLog(tracking) if tracking is not None and rank == 0 else None
 
     def add(self, row: dict[str, Any]) -> None:
         self.rows.append(row)
@@ -164,12 +168,24 @@ class MetricsLog:
             # not print(): Ray Train patches it to log as well as write, which shows every line twice
             sys.stdout.write(f"{self.name} {100 * row['nimg'] / self.total:5.1f}% {shown}\n")
             sys.stdout.flush()
+        if self.live is not None:
+            self.live.add(row)
+
+    def image(self, tag: str, image: np.ndarray, nimg: int) -> None:
+        """A uint8 [H, W, 3] image (e.g. a validation grid) to the trackers, at `nimg` images seen."""
+        if self.live is not None:
+            self.live.image(tag, image, nimg)
 
     def flush(self, artifact: store.Artifact, chunk_start: int) -> None:
-        """Rank 0 writes this chunk's rows as `metrics/{chunk_start}.jsonl`."""
+        """Rank 0 writes this chunk's rows as `metrics/{chunk_start}.jsonl` (and its TensorBoard event file);
+        after the run's last row its trackers' runs are closed."""
         if self.rank == 0 and self.rows:
             with artifact.open(f"metrics/{chunk_start:012d}.jsonl", "wb") as f:
                 f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows).encode())
+        if self.live is not None:
+            self.live.flush(artifact, chunk_start)
+            if self.rows and self.rows[-1]["nimg"] >= self.total:
+                self.live.close()
         self.rows = []
 
 

@@ -49,6 +49,7 @@ from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
 from pipeline.models.edm2_release import load_guide
 from pipeline.seeds import mix_seed, validation_seeds
+from pipeline.tracking import StageRun
 from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_state,
                                mixed_precision, save_state, train_guarded, zero_nonfinite_grads_)
 from pipeline.weights import load_network, load_probe, save_network
@@ -72,6 +73,7 @@ class DistillArgs:
     probe: Artifact | None  # validation's probe (None: no validation)
     artifact: Artifact
     seed: int
+    tracking: StageRun | None = None  # the stage's tracker runs, for rank 0's MetricsLog
 
 
 @dataclass
@@ -424,7 +426,7 @@ def train_loop(session: TrainSession, args: DistillArgs) -> None:
     if cfg.method == "dmd":  # the regression's LPIPS (dmd2 has none)
         kit["to_pixels"] = lpips_decoder(encoder, cfg.lpips_decoder, str(device))
         kit["lpips"] = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights).to(device)
-    log = MetricsLog("distill", cfg.duration_nimg, session.rank)
+    log = MetricsLog("distill", cfg.duration_nimg, session.rank, args.tracking)
     if kit["validation"] is not None and nimg == 0:  # the starting point of the curve
         log.add({"nimg": 0, **validate(session, args, nets, kit["validation"], watch, 0)})
     guard = DivergenceGuard("distill", cfg.divergence_ratio, cfg.divergence_patience,
@@ -456,7 +458,8 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
                        pairs["outputs"]["teacher"]["file"], pairs["config"]["guide"],
                        [inputs["pairs"].path(s) for s in pairs["outputs"]["shards"]],
                        [inputs["encode"].path(s) for s in encode["shards"]], encode["encoder"],
-                       inputs["probe"] if cfg.val_every_nimg else None, ctx.artifact, ctx.seed)
+                       inputs["probe"] if cfg.val_every_nimg else None, ctx.artifact, ctx.seed,
+                       ctx.tracking)
     if cfg.method == "dmd":
         load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights)  # a backbone that cannot be had fails here
         lpips_decoder(encoder_from_info(args.encoder), cfg.lpips_decoder)  # and so does a decoder

@@ -391,10 +391,9 @@ def run(ctx: StageContext, cfg: EvalConfig, inputs: dict[str, Artifact]) -> dict
         "fd_probe" if probe else f"fd_{next(iter(networks))}")
     best, summary = _summary(rows, metric)
     notes = _notes(cfg, probe_out, refstats, counts[-1] if probe else 0) + [student_note(inputs["distill"])]
-    curves = report.curves_png(_metrics_rows(inputs["teacher"]), _metrics_rows(inputs["distill"]))
-    for name, data in (("metrics.png", report.metrics_png(rows)), ("curves.png", curves),
-                       ("report.md", report.report_md(rows, summary, notes).encode()),
-                       ("report.html", report.report_html(rows, summary, notes).encode())):
+    files = report.render(rows, summary, notes, _metrics_rows(inputs["teacher"]), _metrics_rows(inputs["distill"]),
+                          inputs["distill"].manifest()["outputs"].get("validation"))
+    for name, data in files.items():
         with ctx.artifact.open(name, "wb") as f:
             f.write(data)
     ctx.artifact.write_json("results.json", rows)

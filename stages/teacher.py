@@ -32,6 +32,7 @@ from pipeline.diffusion.phema import PowerFunctionEMA
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.store import Artifact
 from pipeline.seeds import mix_seed
+from pipeline.tracking import StageRun
 from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_state,
                                mixed_precision, save_state, train_guarded, zero_nonfinite_grads_)
 from pipeline.weights import save_network, weights_bytes
@@ -52,6 +53,7 @@ class LoopArgs:
     encoder: dict[str, Any]  # the encode manifest's encoder info
     artifact: Artifact
     seed: int
+    tracking: StageRun | None = None  # the stage's tracker runs, for rank 0's MetricsLog
 
 
 @dataclass(frozen=True)
@@ -197,7 +199,7 @@ def train_loop(session: TrainSession, args: LoopArgs) -> None:
     model = torch.compile(model) if cfg.compile else model
     encoder = encoder_from_info(args.encoder, str(device))
     accum = cfg.batch // (session.world_size * cfg.batch_per_worker)
-    log = MetricsLog("teacher", cfg.duration_nimg, rank)
+    log = MetricsLog("teacher", cfg.duration_nimg, rank, args.tracking)
     guard = DivergenceGuard("teacher", cfg.divergence_ratio, cfg.divergence_patience,
                             f"Lower teacher.lr (now {cfg.lr:g}) or raise teacher.batch (now {cfg.batch}).")
     chunk = partial(_train_chunk, session, args, model, net, params, opt, ema, encoder, accum, log, guard)
@@ -267,7 +269,8 @@ def run(ctx: StageContext, cfg: TeacherConfig, inputs: dict[str, Artifact]) -> d
     net = build_network(cfg, encode)  # an unknown preset or a resolution it cannot take fails here
     ctx.log.info("teacher: %s, %.1fM parameters, %d classes, %s", cfg.preset,
                  sum(p.numel() for p in net.parameters()) / 1e6, net.num_classes, encode["shape"])
-    args = LoopArgs(cfg, net.config, _shard_urls(inputs["encode"]), encode["encoder"], ctx.artifact, ctx.seed)
+    args = LoopArgs(cfg, net.config, _shard_urls(inputs["encode"]), encode["encoder"], ctx.artifact, ctx.seed,
+                    ctx.tracking)
     job = DDPJob("teacher", ctx.artifact.path("checkpoints"), cfg.num_workers, cfg.use_gpu, cfg.max_failures)
     start = time.perf_counter()
     metrics = ctx.ddp(train_loop, args, job)

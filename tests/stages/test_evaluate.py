@@ -11,7 +11,7 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.executor import InlineExecutor
 from pipeline.metrics.fid import FeatureStats, frechet_distance
-from pipeline.report import METRICS, MIN_CELL
+from pipeline.report import BLOCK_GAP, CELL_GAP, METRICS, MIN_CELL
 from stages.evaluate import EvalJob, Model, evaluate_range
 
 TINY = ["encode.num_images=80", "encode.shard_size=40", "teacher.channels=16", "teacher.batch=4",
@@ -53,12 +53,12 @@ def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
     assert "real (held-out)" in html and "<table>" in html and "dinov2: not computed" in md
     kept = _artifact(cfg, "distill").manifest()["outputs"]["student"]["nimg"]
     assert f"The student is distill's generator after {kept:,} of 16 images (the best of its 2 validations" in md
-    for png in ("metrics.png", "curves.png"):
-        assert Image.open(art.path(png)).size[0] > 300
+    for png in ("plots/metric-fd_inception.png", "plots/teacher-loss.png", "plots/distill-loss_reg.png"):
+        assert Image.open(art.path(png)).size[0] > 300 and f"src='{png}'" in html
     # One class per row (classes 0, 3, 6, 9), 3 samples each, then a gap and the real images beside.
-    scale = -(-MIN_CELL // 16)  # 16-px samples enlarged, pixels kept sharp
-    assert Image.open(art.path(rows[0]["grid"])).size[1] == 4 * 16 * scale
-    assert Image.open(art.path(rows[0]["grid"])).size[0] > (3 * 16 + 4) * scale
+    cell = 16 * -(-MIN_CELL // 16)  # 16-px samples enlarged, pixels kept sharp
+    assert Image.open(art.path(rows[0]["grid"])).size[1] == 4 * cell + 3 * CELL_GAP
+    assert Image.open(art.path(rows[0]["grid"])).size[0] > 3 * cell + 2 * CELL_GAP + BLOCK_GAP
 
     # The reduced task sums equal one pass over all 12 seeds, and the metrics are recomputed from it.
     phema, refstats = _artifact(cfg, "phema"), _artifact(cfg, "refstats")

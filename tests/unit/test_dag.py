@@ -24,6 +24,8 @@ class FakeConfig:
     max_in_flight: int = 4
     shared_storage: bool = False
     lease_timeout_s: float = 60.0
+    preset: str = "fake"
+    tracking: C.TrackingConfig = field(default_factory=C.TrackingConfig)
     a: Section = field(default_factory=Section)
     b: Section = field(default_factory=Section)
     c: Section = field(default_factory=Section)
