@@ -57,6 +57,11 @@ def grid_png(images: Sequence[np.ndarray]) -> bytes:
     return _png(_canvas([list(images[i:i + cols]) for i in range(0, len(images), cols)]))
 
 
+def grid(rows: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """uint8 [H, W, 3]: rows of equally sized images, CELL_GAP white pixels apart (a tracker's picture)."""
+    return _canvas(rows, CELL_GAP)
+
+
 def _enlarged(rows: Sequence[Sequence[np.ndarray | None]], scale: int) -> list[list[np.ndarray | None]]:
     return [[None if img is None else img.repeat(scale, axis=0).repeat(scale, axis=1) for img in row] for row in rows]
 
@@ -153,7 +158,7 @@ def _stem(path: str) -> str:
     return path.rsplit("/", 1)[-1].removesuffix(".png")
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -163,14 +168,14 @@ def _pyplot() -> Any:
 
 
 def _panel() -> tuple[Any, Any]:
-    return _pyplot().subplots(figsize=PANEL_INCHES, dpi=PANEL_DPI)
+    return pyplot().subplots(figsize=PANEL_INCHES, dpi=PANEL_DPI)
 
 
-def _figure_png(fig: Any) -> bytes:
+def figure_png(fig: Any) -> bytes:
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png")
-    _pyplot().close(fig)
+    pyplot().close(fig)
     return buf.getvalue()
 
 
@@ -191,7 +196,7 @@ def metric_pngs(rows: list[dict[str, Any]]) -> dict[str, bytes]:
         if METRICS[key][2] and all(r[key] > 0 for r in rows if r.get(key) is not None):
             ax.set_yscale("log")  # distances: a poor student and the real row several decades apart
         ax.legend(fontsize=6)
-        out[f"plots/metric-{key}.png"] = _figure_png(fig)
+        out[f"plots/metric-{key}.png"] = figure_png(fig)
     return out
 
 
@@ -214,7 +219,7 @@ def _teacher_loss_png(teacher: list[dict[str, Any]]) -> bytes:
     ax.set(xlabel="images seen")
     ax.set_title("teacher loss (EDM2, with u(sigma))", fontsize=9)
     ax.legend(fontsize=5, ncol=2)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def _term_png(stage: str, title: str, keys: list[str], rows: list[dict[str, Any]], kept_nimg: int | None) -> bytes:
@@ -230,7 +235,7 @@ def _term_png(stage: str, title: str, keys: list[str], rows: list[dict[str, Any]
     ax.set_title(f"{stage} {title}", fontsize=9)
     if len(keys) > 1 or kept_nimg is not None:
         ax.legend(fontsize=6)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def training_pngs(teacher: list[dict[str, Any]], distill: list[dict[str, Any]],

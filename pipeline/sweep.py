@@ -183,9 +183,9 @@ def table_csv(table: list[dict[str, Any]]) -> str:
 
 def curves_png(table: list[dict[str, Any]]) -> bytes:
     """Each trial's validation fd_probe against the generator images it had seen (log scale)."""
-    from pipeline.report import _figure_png, _pyplot
+    from pipeline.report import figure_png, pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     drawn = [r for r in table if r.get("curve")]
     for r in drawn:
@@ -193,7 +193,7 @@ def curves_png(table: list[dict[str, Any]]) -> bytes:
     ax.set(xlabel="generator images", ylabel="validation fd_probe", yscale="log", title="sweep: validation curves")
     if drawn:
         ax.legend(fontsize=7)
-    return _figure_png(fig)
+    return figure_png(fig)
 
 
 def write(storage: str, ident: str, title: str, base: str, table: list[dict[str, Any]]) -> str:

@@ -171,6 +171,11 @@ class MetricsLog:
         if self.live is not None:
             self.live.add(row)
 
+    @property
+    def wants_images(self) -> bool:
+        """Whether a tracker takes images here (rank 0 with a backend): making one is wasted work otherwise."""
+        return self.live is not None
+
     def image(self, tag: str, image: np.ndarray, nimg: int) -> None:
         """A uint8 [H, W, 3] image (e.g. a validation grid) to the trackers, at `nimg` images seen."""
         if self.live is not None:

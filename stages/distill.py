@@ -33,6 +33,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 
+from pipeline import report
 from pipeline.config import DistillConfig
 from pipeline.dag import StageContext
 from pipeline.data.encoders import encoder_from_info, lpips_decoder
@@ -311,10 +312,21 @@ def _validation(args: DistillArgs, session: TrainSession, encoder: Any) -> Valid
                       encoder.decode, seeds)
 
 
-def validate(session: TrainSession, args: DistillArgs, nets: Nets, val: Validation, watch: Watch,
+def _validation_grid(net: Denoiser, sigmas: list[float], val: Validation, device: torch.device) -> np.ndarray:
+    """The student's samples of the first 8 validation seeds, a row per class (up to 10): the trackers' picture."""
+    seeds = validation_seeds(16)
+    if not net.num_classes:
+        return report.grid([list(val.decode(seeded_student_sample(net, sigmas, s, device)[0])) for s in (seeds[:8], seeds[8:])])
+    rows = [seeded_student_sample(net, sigmas, seeds[:8], device, torch.full((8,), c, device=device))[0]
+            for c in range(min(net.num_classes, 10))]
+    return report.grid([list(val.decode(x)) for x in rows])
+
+
+def validate(session: TrainSession, args: DistillArgs, nets: Nets, val: Validation, watch: Watch, log: MetricsLog,
              nimg: int) -> dict[str, float]:
     """Score the student (eval mode: no in-place weight renormalisation) on the validation seeds, record it
-    in `watch`; the log row's figures. On a collapse, rank 0 says so in one line."""
+    in `watch`; the log row's figures, and a grid of samples to the trackers. On a collapse, rank 0 says so
+    in one line."""
     net, cfg = nets.generator.denoiser, args.cfg
     sigmas = student_sigmas(cfg.student_steps, cfg.sigma_init)
     net.eval()
@@ -322,6 +334,9 @@ def validate(session: TrainSession, args: DistillArgs, nets: Nets, val: Validati
     try:
         figures = score(lambda seeds: seeded_student_sample(net, sigmas, seeds, session.device), val.decode, val.probe,
                         val.reference, val.seeds, cfg.val_batch, session.all_reduce, session.device)
+        if log.wants_images:
+            with torch.no_grad():
+                log.image("validation/samples", _validation_grid(net, sigmas, val, session.device), nimg)
     finally:
         net.train()
     watch.add(nimg, figures, net.state_dict)
@@ -378,7 +393,7 @@ def _train_chunk(session: TrainSession, args: DistillArgs, nets: Nets, gen_model
         if nimg % cfg.log_nimg == 0 or nimg == chunk_end:
             row = _row(session, sums, nimg, len(sums) * cfg.batch, time.perf_counter() - tick)
             if kit["validation"] is not None and _validation_due(cfg, nimg):
-                row.update(validate(session, args, nets, kit["validation"], watch, nimg))
+                row.update(validate(session, args, nets, kit["validation"], watch, log, nimg))
             log.add(row)
             guard.row(row)
             tick, sums = time.perf_counter(), []
@@ -428,7 +443,7 @@ def train_loop(session: TrainSession, args: DistillArgs) -> None:
         kit["lpips"] = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights).to(device)
     log = MetricsLog("distill", cfg.duration_nimg, session.rank, args.tracking)
     if kit["validation"] is not None and nimg == 0:  # the starting point of the curve
-        log.add({"nimg": 0, **validate(session, args, nets, kit["validation"], watch, 0)})
+        log.add({"nimg": 0, **validate(session, args, nets, kit["validation"], watch, log, 0)})
     guard = DivergenceGuard("distill", cfg.divergence_ratio, cfg.divergence_patience,
                             f"Lower distill.lr and distill.fake_lr (now {cfg.lr:g}, {cfg.fake_lr:g}).")
     chunk = partial(_falling_back, args, log, watch,

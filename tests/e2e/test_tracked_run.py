@@ -25,6 +25,7 @@ from pipeline import config as C
 from pipeline.executor import InlineExecutor
 
 TINY = [*DISTILL_TINY, "teacher.batch=8", "distill.duration_nimg=16", "distill.checkpoint_nimg=8", "distill.log_nimg=8",
+        "distill.val_every_nimg=8", "distill.val_images=8", "distill.val_batch=8", "distill.keep=best",
         "probe.epochs=1", "probe.holdout=0.5", "refstats.num_images=16", "eval.num_images=8", "eval.num_steps=2",
         "eval.grid_rows=2", "eval.grid_columns=2", "eval.images_per_task=8", "eval.batch=8", "executor=inline"]
 STAGES = list(dag.STAGE_MODULES)
@@ -101,7 +102,8 @@ def test_the_dag_run_is_one_mlflow_parent_with_a_child_per_stage(tracked):
     assert teacher.data.tags["onestep.upstream.encode"] == keys["encode"]
     assert teacher.data.params["lr"] == str(cfg.teacher.lr) and teacher.data.params["channels"] == "16"
     # one point per log row, at the images seen: teacher.log_nimg=8 over 32 images, distill the same
-    for stage, steps in (("teacher", [8, 16, 24, 32]), ("distill", [8, 16])):  # a point per row, at the images seen
+    for stage, steps in (("teacher", [8, 16, 24, 32]), ("distill", [0, 8, 16])):  # a point per row (distill's
+        # first: its validation at 0 images), at the images seen
         rows = [json.loads(line) for line in _artifact(cfg, stage).read_bytes("metrics.jsonl").splitlines()]
         assert [r["nimg"] for r in rows] == steps
         for name in {k for r in rows for k in tracking.scalars(r)}:
@@ -127,6 +129,12 @@ def test_tensorboard_reads_the_event_files_inside_the_training_artifacts_and_ver
         assert tags <= set(events.Tags()["scalars"]), (stage, events.Tags())
         assert [e.step for e in events.Scalars("img_per_s")] == steps
         assert any(rel.startswith(tracking.TENSORBOARD_DIR) for rel in _artifact(cfg, stage).manifest()["files"])
+    # distill's validation: its curve, and a grid of the student's samples (a row per class) at each validation
+    events = EventAccumulator(str(Path(_artifact(cfg, "distill").path(tracking.TENSORBOARD_DIR))), size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("val_fd_probe")] == [0, 8, 16]
+    grids = events.Images("validation/samples")
+    assert [e.step for e in grids] == [0, 8, 16] and grids[0].height == 10 * 16 + 9 * 4 and grids[0].width == 8 * 16 + 7 * 4
     assert integrity.verify(cfg, executor=InlineExecutor())[1] == []
 
 
