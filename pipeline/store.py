@@ -13,6 +13,8 @@ never from config files, and never reach a manifest or a log.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import hashlib
 import json
 import logging
@@ -60,7 +62,25 @@ def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
         return url_to_fs(url)
     # no listings cache: other processes write the same folders (Ray tasks, a second driver), and a
     # cached listing would hide their files (a manifest another run committed, a lease)
-    return url_to_fs(url, use_listings_cache=False)
+    fs, path = url_to_fs(url, use_listings_cache=False)
+    if getattr(fs, "async_impl", False):
+        _quiet_orphaned_requests(fs.loop)
+    return fs, path
+
+
+@functools.cache
+def _quiet_orphaned_requests(loop: asyncio.AbstractEventLoop) -> None:
+    """When the object store drops a connection mid-request, aiohttp leaves a task behind whose write
+    failed; the request's own error reaches the caller (and the run says what to do), so the orphan's
+    copy of it is logged at debug level instead of as a traceback on stderr."""
+
+    def handle(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        if isinstance(context.get("exception"), ConnectionError):
+            logging.getLogger("onestep").debug("dropped connection: %s", context.get("exception"))
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handle)
 
 
 def _to_url(fs: fsspec.AbstractFileSystem, path: str, like: str) -> str:
