@@ -2,10 +2,10 @@
 local disk and on the moto S3 server, with seeded random delays around every storage write, lease
 release and commit. Every run must exit 0 and each artifact must be made once (the others use it).
 
-The runs are long-lived worker processes (forked from one that imported torch and the stages once), each calling
-`onestep run` in-process for every repeat, on a fresh storage root per repeat. The suite runs a few
-repeats; `ONESTEP_STRESS_REPEATS=100 pytest tests/faults/test_concurrent_runs.py -s` runs the full
-stress and prints its figures.
+The runs are long-lived worker processes (forked from one that imported torch and the stages once),
+each calling `onestep run` in-process for every repeat, on a fresh storage root per repeat. The suite
+runs a few repeats; `ONESTEP_STRESS_REPEATS=100 pytest tests/faults/test_concurrent_runs.py -s` runs
+two and three runs 100 times each on both storages and prints the figures.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ import pytest
 from pipeline import config as C
 from pipeline import dag, store
 
-REPEATS = int(os.environ.get("ONESTEP_STRESS_REPEATS", "0"))  # 0: the suite's size below
+REPEATS = int(os.environ.get("ONESTEP_STRESS_REPEATS", "0"))  # 0: the suite's sizes (SUITE)
 MAX_DELAY_S = 0.03
 STAGES = ("encode", "refstats")
 SETTINGS = ["encode.num_images=8", "encode.shard_size=4", "refstats.inception_weights=", "refstats.dinov2_weights=",
-            "executor=inline", "lease_timeout_s=3"]
+            "executor=inline", "lease_timeout_s=4"]
 
 
 def _args(storage: str, guide: str) -> list[str]:
@@ -95,7 +95,8 @@ def _worker(index: int, jobs: Any, results: Any) -> None:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):  # its error line; no tables
                 code = cli.main(_args(storage, guide))
         except BaseException:  # anything but a clean exit is a failure of this run
-            code, _ = None, err.write(traceback.format_exc())
+            code = None
+            err.write(traceback.format_exc())
         results.put((index, code, list(made), err.getvalue() if code != 0 else None))
 
 
@@ -104,7 +105,7 @@ class Runs:
 
     def __init__(self, count: int) -> None:
         ctx = multiprocessing.get_context("forkserver")  # each worker forked from one process that imported them
-        ctx.set_forkserver_preload(["stages.encode", "stages.refstats", "pipeline.cli"])
+        ctx.set_forkserver_preload(["stages.encode", "stages.refstats", "pipeline.cli", "s3fs"])
         self.results = ctx.Queue()
         self.jobs = [ctx.Queue() for _ in range(count)]
         self.procs = [ctx.Process(target=_worker, args=(i, q, self.results), daemon=True) for i, q in enumerate(self.jobs)]
@@ -157,12 +158,16 @@ def stress(runs: Runs, root: str, guide: str, count: int, repeats: int) -> dict[
             "artifacts": sum(made.values()), "wall_s": round(time.time() - start, 1)}
 
 
-@pytest.mark.parametrize("where,count,repeats", [("local", 2, 3), ("local", 3, 3), ("s3", 2, 1), ("s3", 3, 1)])
+SUITE = [("local", 2, 3), ("local", 3, 3), ("s3", 3, 1)]  # under a minute on a 2-core machine
+FULL = [(where, count, REPEATS) for where in ("local", "s3") for count in (2, 3)]
+
+
+@pytest.mark.parametrize("where,count,repeats", FULL if REPEATS else SUITE)
 def test_runs_started_together_all_succeed_and_make_each_artifact_once(where, count, repeats, runs, tmp_path, s3_bucket):
-    guide = tmp_path / "edm2-img16-xs-uncond-2147483-0.045.pkl"
+    guide = tmp_path / "guide.pkl"
     guide.write_bytes(os.urandom(4096))
     root = str(tmp_path / "store") if where == "local" else f"{s3_bucket}/concurrent-{time.time_ns()}"
-    figures = stress(runs, root, str(guide), count, REPEATS or repeats)
+    figures = stress(runs, root, str(guide), count, repeats)
     print(f"\n{where}: {figures['runs']} runs x {figures['repeats']} repeats: {len(figures['failures'])} failed, "
           f"{figures['artifacts']} artifacts made, {len(figures['made_twice'])} twice, {figures['wall_s']} s")
     assert figures["failures"] == [], "\n".join(figures["failures"][:3])
