@@ -16,10 +16,13 @@ import io
 import logging
 import multiprocessing
 import os
+import queue
 import random
 import time
 import traceback
+import types
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -30,8 +33,11 @@ from pipeline import dag, store
 REPEATS = int(os.environ.get("ONESTEP_STRESS_REPEATS", "0"))  # 0: the suite's sizes (SUITE)
 MAX_DELAY_S = 0.03
 STAGES = ("encode", "refstats")
+# A lease goes stale only after 60 s without a heartbeat, far beyond any stall of a busy machine: a takeover
+# here would be a race, not a slow run. A waiting run looks again every POLL_S (onestep's min(5 s, timeout / 4)).
 SETTINGS = ["encode.num_images=8", "encode.shard_size=4", "refstats.inception_weights=", "refstats.dinov2_weights=",
-            "executor=inline", "lease_timeout_s=4"]
+            "executor=inline", "lease_timeout_s=60"]
+POLL_S = 0.2
 
 
 def _args(storage: str, guide: str) -> list[str]:
@@ -54,7 +60,8 @@ def _delayed(fn: Any, rng: random.Random) -> Any:
 
 def _inject_delays(rng: random.Random, made: list[str]) -> None:
     """Random delays before and after each storage write, lease write and release, and commit (and the
-    storage probe's write and remove); every stage this process makes is recorded in `made`."""
+    storage probe's write and remove); waits for a lease of POLL_S; every stage this process makes is
+    recorded in `made`."""
     from pipeline import lease
 
     for owner, name in ((store, "write_bytes"), (store, "create_exclusive"), (store, "remove"),
@@ -75,9 +82,25 @@ def _inject_delays(rng: random.Random, made: list[str]) -> None:
         return run_stage(node, *args, **kwargs)
 
     store._probe_fs, dag.run_stage = delayed_probe_fs, recorded_run_stage
+    lease.time = types.SimpleNamespace(time=time.time, sleep=lambda seconds: time.sleep(min(seconds, POLL_S)))
 
 
-def _worker(index: int, jobs: Any, results: Any) -> None:
+def _jobs(jobs: Any, parent: int) -> Iterator[Any]:
+    """The jobs sent, until None, or until the parent is gone."""
+    while True:
+        try:
+            job = jobs.get(timeout=5)
+        except queue.Empty:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(parent, 0)
+                continue
+            return
+        if job is None:
+            return
+        yield job
+
+
+def _worker(index: int, jobs: Any, results: Any, parent: int) -> None:
     """One run slot: for each (storage, guide, start time, seed) job, `onestep run` at that instant."""
     from pipeline import cli
 
@@ -85,8 +108,7 @@ def _worker(index: int, jobs: Any, results: Any) -> None:
     rng, made = random.Random(), []
     _inject_delays(rng, made)
     results.put((index, "ready", [], None))
-    while (job := jobs.get()) is not None:
-        storage, guide, start_at, seed = job
+    for storage, guide, start_at, seed in _jobs(jobs, parent):
         rng.seed(seed * 1009 + index)
         made.clear()
         time.sleep(max(0.0, start_at - time.time()))
@@ -108,7 +130,8 @@ class Runs:
         ctx.set_forkserver_preload(["stages.encode", "stages.refstats", "pipeline.cli", "s3fs"])
         self.results = ctx.Queue()
         self.jobs = [ctx.Queue() for _ in range(count)]
-        self.procs = [ctx.Process(target=_worker, args=(i, q, self.results), daemon=True) for i, q in enumerate(self.jobs)]
+        self.procs = [ctx.Process(target=_worker, args=(i, q, self.results, os.getpid()), daemon=True)
+                      for i, q in enumerate(self.jobs)]
         for p in self.procs:
             p.start()
         assert sorted(self.results.get(timeout=300)[0] for _ in self.procs) == list(range(count))
