@@ -38,6 +38,7 @@ STAGES = ("encode", "refstats")
 SETTINGS = ["encode.num_images=8", "encode.shard_size=4", "refstats.inception_weights=", "refstats.dinov2_weights=",
             "executor=inline", "lease_timeout_s=60"]
 POLL_S = 0.2
+ROUND_LIMIT_S = 1800  # room for the S3 client's retries (60 s read timeouts) of a request moto dropped
 
 
 def _args(storage: str, guide: str) -> list[str]:
@@ -104,22 +105,24 @@ def _worker(index: int, jobs: Any, results: Any, parent: int) -> None:
     """One run slot: for each (storage, guide, start time, seed) job, `onestep run` at that instant."""
     from pipeline import cli
 
-    logging.basicConfig(level=logging.WARNING)  # a lease taken over would say so
+    warnings = logging.StreamHandler()
+    logging.basicConfig(level=logging.WARNING, handlers=[warnings])
     rng, made = random.Random(), []
     _inject_delays(rng, made)
-    results.put((index, "ready", [], None))
+    results.put((index, "ready", [], ""))
     for storage, guide, start_at, seed in _jobs(jobs, parent):
         rng.seed(seed * 1009 + index)
         made.clear()
         time.sleep(max(0.0, start_at - time.time()))
         err = io.StringIO()
+        warnings.setStream(err)
         try:
             with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):  # its error line; no tables
                 code = cli.main(_args(storage, guide))
         except BaseException:  # anything but a clean exit is a failure of this run
             code = None
             err.write(traceback.format_exc())
-        results.put((index, code, list(made), err.getvalue() if code != 0 else None))
+        results.put((index, code, list(made), err.getvalue()))
 
 
 class Runs:
@@ -140,7 +143,7 @@ class Runs:
         start_at = time.time() + 0.3
         for q in self.jobs[:runs]:
             q.put((storage, guide, start_at, seed))
-        return sorted(self.results.get(timeout=300) for _ in range(runs))
+        return sorted(self.results.get(timeout=ROUND_LIMIT_S) for _ in range(runs))
 
     def close(self) -> None:
         for q in self.jobs:
@@ -171,9 +174,9 @@ def stress(runs: Runs, root: str, guide: str, count: int, repeats: int) -> dict[
     start, failures, made = time.time(), [], Counter()
     for r in range(repeats):
         storage = store.join(root, f"r{r:03d}")
-        for index, code, stages, error in runs.together(count, storage, guide, seed=r):
-            if code != 0:
-                failures.append(f"repeat {r}, run {index}: exit {code}\n{error or ''}")
+        for index, code, stages, log in runs.together(count, storage, guide, seed=r):
+            if code != 0 or "the lease of" in log:  # an error, or a lease taken over or lost
+                failures.append(f"repeat {r}, run {index}: exit {code}\n{log}")
             made.update((r, s) for s in stages)
         failures += [f"repeat {r}: {problem}" for problem in _left_behind(storage, guide)]
     twice = sorted(k for k, n in made.items() if n != 1)
