@@ -6,10 +6,12 @@ The lease of `{storage}/{stage}/{key}` is the highest generation `{key}.lease/{n
 (then it uses the artifact if the other run committed it, or makes it itself) or, with `wait=False`,
 stops with an error naming the owner. A lease whose heartbeat is older than `lease_timeout_s`, or
 whose owner ran on this host and has exited, is taken over by creating the next generation with the
-store's conditional create (`store.create_exclusive`): of two runs taking it over at once, one wins.
-Staleness compares the heartbeat with this machine's clock: machines' clocks must agree to well
-within the timeout (NTP does). A holder that finds a newer generation than its own has lost the lease
-(it was stalled past the timeout) and refuses to commit.
+store's conditional create (`store.create_exclusive`): of two runs taking it over at once, one wins,
+and removes the generations it superseded. Staleness compares the heartbeat with this machine's clock:
+machines' clocks must agree to well within the timeout (NTP does). A holder whose generation is no
+longer the highest, or no longer there, has lost the lease (it was stalled past the timeout) and
+refuses to commit. A run removes only its own generation when done: one that acquired the lease
+meanwhile keeps its own.
 """
 
 from __future__ import annotations
@@ -84,25 +86,30 @@ class Lease:
         self.lost = False
         self._stop = threading.Event()
         self._beat: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def _url(self, generation: int) -> str:
         return store.join(self.folder, f"{generation:06d}.json")
 
-    def current(self) -> tuple[int, dict[str, Any] | None]:
-        """(highest generation, its record); (-1, None) when there is no lease."""
+    def _generations(self) -> list[int]:
         try:
             _, files = store.list_dir(self.folder)
         except FileNotFoundError:
-            return -1, None
-        generations = sorted(int(m[1]) for f in files if (m := re.search(r"/(\d{6})\.json$", f)))
-        if not generations:
-            return -1, None
-        try:
-            return generations[-1], json.loads(store.read_bytes(self._url(generations[-1])))
-        except FileNotFoundError:  # released while we looked
-            return -1, None
-        except ValueError:  # being written: as live as a new lease
-            return generations[-1], {"heartbeat": time.time()}
+            return []
+        return sorted(int(m[1]) for f in files if (m := re.search(r"/(\d{6})\.json$", f)))
+
+    def current(self) -> tuple[int, dict[str, Any] | None]:
+        """(highest generation, its record); (-1, None) when there is no lease."""
+        while True:
+            generations = self._generations()
+            if not generations:
+                return -1, None
+            try:
+                return generations[-1], json.loads(store.read_bytes(self._url(generations[-1])))
+            except FileNotFoundError:  # released while we looked: a lower generation may still stand
+                continue
+            except ValueError:  # being written: as live as a new lease
+                return generations[-1], {"heartbeat": time.time()}
 
     def _write(self, create: bool) -> bool:
         data = json.dumps({**self.record, "heartbeat": time.time()}).encode()
@@ -131,37 +138,59 @@ class Lease:
             self.generation = generation + 1
             if self._write(create=True):
                 break  # else another run created that generation first: look again
+        for superseded in (g for g in self._generations() if g < self.generation):  # taken over: no longer anyone's
+            store.remove(self._url(superseded))
         self._beat = threading.Thread(target=self._heartbeat, name=f"lease {what}", daemon=True)
         self._beat.start()
         return waited
 
+    def _holder(self) -> dict[str, Any] | None:
+        """None while this run holds the lease (its generation is the highest and its own), else the holder's
+        record ({} when there is none)."""
+        generation, record = self.current()
+        if generation == self.generation and (record or {}).get("owner") == self.record["owner"]:
+            return None
+        return record or {}
+
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.timeout_s / 4):
             try:
-                if self.current()[0] > self.generation:
-                    self.lost = True
-                    log.error("lost the lease of %s to another run", store.redact(self.folder))
-                    return
-                self._write(create=False)
+                with self._lock:  # never rewriting the record while check() reads it
+                    if self._holder() is not None:
+                        self.lost = True
+                        log.error("lost the lease of %s to another run", store.redact(self.folder))
+                        return
+                    self._write(create=False)
             except Exception as e:  # a store hiccup: the next beat tries again
                 log.warning("lease heartbeat of %s failed (%s): retrying", store.redact(self.folder), e)
 
     def check(self) -> None:
         """Before committing: this run still holds the lease."""
-        generation, record = self.current()
-        if self.lost or generation != self.generation or (record or {}).get("owner") != self.record["owner"]:
+        with self._lock:
+            holder = self._holder()
+        if self.lost or holder is not None:
             self.lost = True
-            holder = f" ({describe(record)})" if record else ""
+            holder = f" ({describe(holder)})" if holder else ""
             raise LeaseLost(f"the lease of {store.redact(self.folder[:-6])} was taken over by another run{holder} while "
                             "this one was stalled past lease_timeout_s: its result is not committed; rerun to use "
                             "the other run's, or raise lease_timeout_s")
 
+    def _owns(self, generation: int) -> bool:
+        try:
+            return json.loads(store.read_bytes(self._url(generation))).get("owner") == self.record["owner"]
+        except (FileNotFoundError, ValueError):  # removed by a run that took it over, or another's being written
+            return False
+
     def release(self) -> None:
+        """Remove this run's own generation, never another's: a run that acquired the lease meanwhile (after
+        a takeover, maybe under the same generation number) keeps its own."""
         self._stop.set()
         if self._beat is not None:
             self._beat.join()
         try:
-            store.remove(self._url(self.generation) if self.lost else self.folder)  # a newer generation is another's
+            if self._owns(self.generation):
+                store.remove(self._url(self.generation))
+            store.remove_empty_folder(self.folder)
         except Exception as e:  # the store is down (the error that brought us here, most likely)
             log.warning("could not remove the lease %s (%s): it goes stale after lease_timeout_s, or at once for a "
                         "rerun on this host", store.redact(self.folder), e)

@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import uuid
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -236,21 +237,33 @@ def create_exclusive(url: str, data: bytes) -> bool:
     window of one round trip in which two writers can both succeed."""
     fs, path = _fs(url)
     if protocol(url) == "file":
-        fs.makedirs(os.path.dirname(path), exist_ok=True)
-        partial = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
-        with open(partial, "wb") as f:
-            f.write(data)
-        try:
-            os.link(partial, path)
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(partial)
-        return True
+        return _link_exclusive(path, data)
     try:
         fs.pipe_file(path, data, mode="create")
     except FileExistsError:
         return False
+    return True
+
+
+def _link_exclusive(path: str, data: bytes) -> bool:
+    """`create_exclusive` on a local path: the whole file is written under a name of this process and
+    thread, then hard-linked to `path`, which fails if `path` exists. The folder is made again if another
+    process removed it meanwhile (an empty lease folder, see `remove_empty_folder`)."""
+    partial = f"{path}.{os.getpid()}-{threading.get_ident()}.partial"
+    while True:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:
+            with open(partial, "wb") as f:
+                f.write(data)
+            break
+        except FileNotFoundError:  # the folder was removed between makedirs and open
+            continue
+    try:
+        os.link(partial, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(partial)
     return True
 
 
@@ -297,6 +310,16 @@ def remove(url: str) -> None:
     fs, path = _fs(url)
     if fs.exists(path):
         fs.rm(path, recursive=True)
+
+
+def remove_empty_folder(url: str) -> None:
+    """Remove a local folder if it is empty, and leave it if another process put a file in it meanwhile
+    (object stores have no folders: nothing to do there)."""
+    if protocol(url) == "file":
+        try:
+            os.rmdir(_fs(url)[1])
+        except OSError:  # not empty, or already gone
+            pass
 
 
 def copy_to_local(url: str, local_dir: str) -> str:
@@ -417,10 +440,11 @@ def check_storage(url: str) -> None:
 
 def check_writable(url: str) -> None:
     """Fail within seconds, naming the URL and the fix, when the storage cannot be written:
-    writes and removes a probe file (folders are made for local paths only: on S3 it would
-    create the bucket)."""
+    writes and removes a probe file, named for this call alone so that runs probing the same
+    storage at once never remove each other's (folders are made for local paths only: on S3 it
+    would create the bucket)."""
     fs, path = _probe_fs(url)
-    probe = join(path, "_onestep_write_probe")
+    probe = join(path, f"_onestep_write_probe-{uuid.uuid4().hex}")
     try:
         if protocol(url) == "file":
             fs.makedirs(path, exist_ok=True)
@@ -602,8 +626,8 @@ class Store:
         with fs.open(path, "rb") as f:
             for block in iter(lambda: f.read(8 << 20), b""):
                 digest.update(block)
-        try:
-            write_bytes(memo, json.dumps({"url": redact(url), "sha256": digest.hexdigest()}).encode())
+        try:  # runs hashing the same file at once: the first to finish writes the memo, whole
+            create_exclusive(memo, json.dumps({"url": redact(url), "sha256": digest.hexdigest()}).encode())
         except OSError:  # a read-only storage: hashed again next time
             pass
         return digest.hexdigest()

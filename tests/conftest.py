@@ -69,13 +69,3 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def release_pickler(monkeypatch):
-    """`helpers.release_dumps`, with EDM2's module names importable for the pickler while the test runs."""
-    import helpers
-
-    for name, module in helpers.EDM2_MODULES.items():
-        monkeypatch.setitem(sys.modules, name, module)
-    return helpers.release_dumps

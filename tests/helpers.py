@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import pickle
-import sys
 import tarfile
-import types
 from functools import partial
 from pathlib import Path
 
@@ -214,100 +211,3 @@ class CountingExecutor(InlineExecutor):
     def map(self, fn, items, resources=Resources(), desc=""):
         self.calls += len(items)
         return super().map(fn, items, resources, desc)
-
-
-# --- files in the format of NVIDIA's EDM2 release (torch_utils.persistence pickles) --------------
-
-def _fake_module(name: str, **members) -> types.ModuleType:
-    module = types.ModuleType(name)
-    for key, value in members.items():
-        value.__module__, value.__qualname__ = name, key
-        setattr(module, key, value)
-    return module
-
-
-def _reconstruct_persistent_obj(meta):  # the name EDM2's pickles call; never called here
-    raise AssertionError("the test pickles are read by edm2_release only")
-
-
-class EasyDict(dict):
-    pass
-
-
-EDM2_MODULES = {
-    "torch_utils": types.ModuleType("torch_utils"),
-    "torch_utils.persistence": _fake_module("torch_utils.persistence", _reconstruct_persistent_obj=_reconstruct_persistent_obj),
-    "dnnlib": types.ModuleType("dnnlib"),
-    "dnnlib.util": _fake_module("dnnlib.util", EasyDict=EasyDict),
-}
-
-
-def release_dumps(obj) -> bytes:
-    """What EDM2's torch_utils.persistence writes: every torch module (other than containers) as a call of
-    torch_utils.persistence._reconstruct_persistent_obj(meta) with its source and __dict__. The modules
-    named in EDM2_MODULES must be in sys.modules (the `release_pickler` fixture puts them there)."""
-    import torch
-
-    class Pickler(pickle.Pickler):
-        def reducer_override(self, obj):
-            if isinstance(obj, torch.nn.Module) and not isinstance(obj, (torch.nn.ModuleList, torch.nn.ModuleDict)):
-                kwargs = obj.__dict__.get("edm2_kwargs", {"kind": type(obj).__name__})
-                state = dict(obj.__dict__, _init_args=(), _init_kwargs=kwargs)
-                meta = {"type": "class", "version": 6, "module_src": "import os\nos.system('touch PWNED')\n",
-                        "class_name": type(obj).__name__, "state": state}
-                return _reconstruct_persistent_obj, (meta,)
-            return NotImplemented
-
-    assert all(name in sys.modules for name in EDM2_MODULES), "use the release_pickler fixture"
-    buf = io.BytesIO()
-    Pickler(buf, protocol=4).dump(obj)
-    return buf.getvalue()
-
-
-def _precond_class():
-    import torch
-
-    class Precond(torch.nn.Module):
-        """EDM2's top level around onestep's network: its module names and its constructor arguments."""
-
-        def __init__(self, net: torch.nn.Module, **edm2_kwargs) -> None:
-            super().__init__()
-            self.unet, self.logvar_fourier, self.logvar_linear = net.unet, net.u_fourier, net.u_linear
-            self.edm2_kwargs = edm2_kwargs
-
-    return Precond
-
-
-Precond = _precond_class()
-
-EDM2_KWARGS = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=True, sigma_data=0.5, logvar_channels=128,
-                   model_channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8], dropout=0.0)
-
-
-def edm2_encoder(kind: str, **kwargs):
-    """EDM2's encoder record as its release files carry it (a persistent object with its arguments)."""
-    import torch
-
-    defaults = ({} if kind == "StandardRGBEncoder" else
-                dict(vae_name="stabilityai/sd-vae-ft-mse", raw_mean=[5.81, 3.25, 0.12, -2.15],
-                     raw_std=[4.17, 4.62, 3.71, 3.28], final_mean=0, final_std=0.5, batch_size=8))
-    encoder = type(kind, (torch.nn.Module,), {})()
-    encoder.edm2_kwargs = {**defaults, **kwargs}
-    return encoder
-
-
-def write_release(path: Path, net, encoder: str = "StandardRGBEncoder", encoder_kwargs: dict | None = None,
-                  **kwargs) -> Path:
-    """An EDM2 release pickle of onestep network `net` (float16, as NVIDIA's), with `EDM2_KWARGS` updated
-    by `kwargs` and the net's own sizes, and its encoder's record."""
-    import copy
-
-    net = copy.deepcopy(net).half()
-    args = {**EDM2_KWARGS, "img_resolution": net.img_resolution, "img_channels": net.img_channels,
-            "label_dim": net.num_classes, **{k: v for k, v in net.config.items()
-                                             if k in ("channel_mult", "num_blocks", "attn_resolutions")},
-            "model_channels": net.config["channels"], **kwargs}
-    data = EasyDict(ema=Precond(net, **args), encoder=edm2_encoder(encoder, **(encoder_kwargs or {})), dataset_kwargs={"resolution": net.img_resolution})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(release_dumps(data))
-    return path

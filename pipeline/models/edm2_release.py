@@ -12,6 +12,7 @@ source is kept as text and never executed. Everything else in a file is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import io
 import pickle
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 
 from pipeline import store
-from pipeline.models.edm2 import Denoiser, build_denoiser
+from pipeline.models.edm2 import PRESETS, Denoiser, build_denoiser
 from pipeline.weights import load_network, save_network
 
 
@@ -98,7 +99,9 @@ _ALLOWED = {  # (module, name) -> what it becomes here
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
 }
-_NUMPY = ("numpy.core.multiarray", "numpy._core.multiarray")
+_NUMPY = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+          ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "ndarray"),
+          ("numpy", "dtype"), ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer")}  # protocol 5
 
 
 class ReleaseUnpickler(pickle.Unpickler):
@@ -111,7 +114,7 @@ class ReleaseUnpickler(pickle.Unpickler):
             return _ALLOWED[module, name]
         if module.startswith("torch.nn.modules.") and name[:1].isupper():
             return _torch_module(name)  # a container module: its state is read, its class never imported
-        if (module in _NUMPY and name in ("_reconstruct", "scalar")) or (module == "numpy" and name in ("ndarray", "dtype")):
+        if (module, name) in _NUMPY:
             return super().find_class(module, name)
         raise UnsafePickleError(f"refused {module}.{name}: an EDM2 release file holds only tensors, numpy "
                                 "arrays, plain containers and torch_utils.persistence records")
@@ -163,7 +166,16 @@ FIXED_KWARGS: dict[str, Any] = {
 RUNTIME_KWARGS = ("use_fp16", "class_name")  # how EDM2 ran the network, not what it computes
 ARCHITECTURE_KWARGS = {"model_channels": "channels", "channel_mult": "channel_mult", "num_blocks": "num_blocks",
                        "attn_resolutions": "attn_resolutions", "dropout": "dropout"}
-RENAMED = {"logvar_fourier.": "u_fourier.", "logvar_linear.": "u_linear."}  # EDM2's name -> onestep's
+# EDM2's state_dict names -> onestep's: the uncertainty head's modules, and MPFourier's buffers (EDM2's
+# `freqs`, `phases`) wherever they are; every other name is the same in both networks.
+RENAMED_MODULES = {"logvar_fourier": "u_fourier", "logvar_linear": "u_linear"}
+RENAMED_TENSORS = {"freqs": "freq", "phases": "phase"}
+
+
+def onestep_name(name: str) -> str:
+    """The name in onestep's network of the tensor EDM2's `Precond` calls `name`."""
+    first, *middle, last = name.split(".")
+    return ".".join([RENAMED_MODULES.get(first, first), *middle, RENAMED_TENSORS.get(last, last)])
 
 
 def _plain(value: Any) -> Any:
@@ -187,18 +199,27 @@ def network_arguments(record: Persistent) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"the EDM2 network has constructor arguments onestep does not know: {unknown}")
     overrides = {ours: _plain(kwargs[theirs]) for theirs, ours in ARCHITECTURE_KWARGS.items() if theirs in kwargs}
-    return {"preset": "S", "img_resolution": int(kwargs["img_resolution"]), "img_channels": int(kwargs["img_channels"]),
-            "num_classes": int(kwargs["label_dim"]), **overrides}  # S: EDM2's UNet defaults, then the file's
+    arguments = {"preset": "S", "img_resolution": int(kwargs["img_resolution"]), "img_channels": int(kwargs["img_channels"]),
+                 "num_classes": int(kwargs["label_dim"]), **overrides}  # S: EDM2's UNet defaults, then the file's
+    _check_attention_widths(arguments)
+    return arguments
+
+
+def _check_attention_widths(arguments: dict[str, Any]) -> None:
+    """EDM2 gives an attention block out_channels // 64 heads, so none below 64 channels; onestep gives it one."""
+    arch = dataclasses.replace(PRESETS[arguments["preset"]], **{k: arguments[k] for k in ARCHITECTURE_KWARGS.values()
+                                                                  if k in arguments})
+    widths = [arch.channels * m for m in arch.channel_mult]
+    attended = {w for level, w in enumerate(widths) if arguments["img_resolution"] >> level in arch.attn_resolutions}
+    narrow = sorted(w for w in attended | {widths[-1]} if w < FIXED_KWARGS["channels_per_head"])  # + the bottleneck's
+    if narrow:
+        raise ValueError(f"the EDM2 network has attention at {narrow} channels, where EDM2 computes none (fewer than "
+                         "64 channels per head) and onestep's network would: onestep cannot import it")
 
 
 def network_state(record: Persistent) -> dict[str, torch.Tensor]:
     """The record's tensors under onestep's names, float32 (the release stores float16)."""
-    out = {}
-    for name, value in tensors(record).items():
-        for theirs, ours in RENAMED.items():
-            name = ours + name[len(theirs):] if name.startswith(theirs) else name
-        out[name] = value.float().contiguous()
-    return out
+    return {onestep_name(name): value.float().contiguous() for name, value in tensors(record).items()}
 
 
 def release_network(url: str, key: str = "ema") -> tuple[Any, Any]:
@@ -242,7 +263,7 @@ def check_guide(url: str, field: str) -> None:
 # --- the DAG entry: a released teacher instead of training one -----------------------------------
 
 # EDM2's file names: `network-snapshot-{kimg:07d}-{sigma_rel:.3f}.pkl` (raw EMA snapshots) and
-# `edm2-img512-s-{kimg}-{sigma_rel:.3f}.pkl` (post-hoc reconstructions); times are in thousands of images.
+# `edm2-img512-s-{kimg}-{sigma_rel:.3f}.pkl` (post-hoc reconstructions); kimg = nimg // 1000.
 SNAPSHOT_NAME = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.pkl")
 RECONSTRUCTION_NAME = re.compile(r".*-(\d+)-(\d+\.\d+)\.pkl")
 ENCODERS = {"StandardRGBEncoder": "rgb", "StabilityVAEEncoder": "vae"}  # EDM2's encoder -> onestep's
@@ -254,7 +275,14 @@ def _time_and_length(url: str, pattern: re.Pattern[str], what: str) -> tuple[int
     if not match:
         raise ValueError(f"{store.redact(url)}: {what} are named as EDM2 names them ({pattern.pattern}), so that "
                          "their time (thousands of images) and EMA length are known: rename the file")
-    return int(match[1]) * 1000, float(match[2])
+    return kimg_to_nimg(int(match[1])), float(match[2])
+
+
+def kimg_to_nimg(kimg: int) -> int:
+    """A file name's time in images: EDM2 names a snapshot by nimg // 1000, and writes one every multiple of
+    1024 images, so nimg is the multiple of 1024 in [1000 kimg, 1000 kimg + 999] (1000 kimg if there is none)."""
+    nimg = (kimg * 1000 + 999) // 1024 * 1024
+    return nimg if nimg // 1000 == kimg else kimg * 1000
 
 
 def check_encoder(top: Any, encode: dict[str, Any], url: str) -> None:
@@ -273,18 +301,24 @@ def check_encoder(top: Any, encode: dict[str, Any], url: str) -> None:
         raise ValueError(f"{store.redact(url)} was trained on {record.class_name} data, the encode artifact holds "
                          f"{ours['name']} data: encode the dataset as the release did ({fix})")
     if theirs == "vae":
-        kwargs = record.init_kwargs
-        vae = str(kwargs.get("vae_name", "stabilityai/sd-vae-ft-mse"))
-        same_stats = all(np.allclose(np.asarray(kwargs.get(k, ours[k]), dtype=float), ours[k], atol=1e-6)
-                         for k in ("raw_mean", "raw_std"))
-        final = (float(kwargs.get("final_mean", 0.0)), float(kwargs.get("final_std", 0.5)))
-        if not same_stats or final != (0.0, 0.5):
-            raise ValueError(f"{store.redact(url)} normalises latents with raw_mean {kwargs.get('raw_mean')}, raw_std "
-                             f"{kwargs.get('raw_std')}, final mean/std {final}; onestep's VAE encoder uses "
-                             f"{ours['raw_mean']}, {ours['raw_std']}, (0.0, 0.5)")
+        _check_latent_scaling(record, ours, url)
+        vae = str(record.state.get("vae_name", ""))
         if vae.rsplit("/", 1)[-1] != str(ours.get("vae", "")).rstrip("/").rsplit("/", 1)[-1]:
             raise ValueError(f"{store.redact(url)} was trained on latents of the VAE {vae}, the encode artifact "
                              f"used {ours.get('vae')}: set encode.vae to {vae} (or a copy of it)")
+
+
+def _check_latent_scaling(record: Persistent, ours: dict[str, Any], url: str) -> None:
+    """EDM2's VAE encoder keeps its normalisation as `scale` and `bias` (final latents = raw * scale + bias, from
+    its raw_mean, raw_std, final_mean and final_std): they must be onestep's (final mean 0, std 0.5)."""
+    scale = 0.5 / np.asarray(ours["raw_std"], dtype=np.float64)
+    expected = {"scale": scale, "bias": -np.asarray(ours["raw_mean"], dtype=np.float64) * scale}
+    found = {k: np.asarray(record.state.get(k, np.nan), dtype=np.float64) for k in expected}
+    if not all(found[k].shape == v.shape and np.allclose(found[k], v, rtol=1e-5, atol=1e-6) for k, v in expected.items()):
+        raise ValueError(f"{store.redact(url)} normalises VAE latents as raw * {found['scale'].tolist()} + "
+                         f"{found['bias'].tolist()}; onestep's VAE encoder (raw_mean {ours['raw_mean']}, raw_std "
+                         f"{ours['raw_std']}, final mean 0 and std 0.5) as raw * {expected['scale'].round(6).tolist()} + "
+                         f"{expected['bias'].round(6).tolist()}, so the network would see other latents than it was trained on")
 
 
 def check_dataset(net: Any, encode: dict[str, Any], url: str) -> None:

@@ -8,14 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from pipeline import config as C
 from pipeline import dag, store
 from pipeline.executor import InlineExecutor, RayExecutor
-from pipeline.models.edm2 import build_denoiser
 
-from helpers import make_imagenet, ray_cluster, save_random_inception, save_tiny_vae, write_release
+import edm2_files as E
+from helpers import make_imagenet, ray_cluster, save_random_inception, save_tiny_vae
 
 PRESETS = ["edm2-img512-xs", "edm2-img512-s", "edm2-img64-s", "edm2-release-img512-s", "edm2-release-img64-s"]
 GB = 1 << 30
@@ -82,9 +81,8 @@ SHRINK = [  # sizes and devices only: every other setting stays the preset's
 def offline(tmp_path_factory) -> dict[str, str]:
     """What the presets download, made here: ImageNet's layout, a VAE, Inception, EDM2's refs."""
     root = tmp_path_factory.mktemp("presets")
-    rng = np.random.default_rng(0)
     refs = root / "refs.pkl"
-    refs.write_bytes(pickle.dumps({"fid": {"mu": rng.normal(size=2048), "sigma": np.eye(2048)}}))
+    refs.write_bytes(pickle.dumps(E.dataset_refs(0)))
     return {"imagenet": str(make_imagenet(root / "imagenet", ["n01440764", "n01443537"], 16, as_tars=False)),
             "vae": save_tiny_vae(root / "vae"), "inception": save_random_inception(root / "inception.pt"),
             "refs": str(refs), "root": str(root)}
@@ -95,19 +93,17 @@ def _release_files(offline: dict[str, str], cfg: C.Config) -> list[str]:
     folder = Path(offline["root"]) / "release"
     latent = cfg.encode.encoder == "vae"
     channels, resolution = (4, 16) if latent else (3, 32)
-    encoder = "StabilityVAEEncoder" if latent else "StandardRGBEncoder"
+    encoder = E.StabilityVAEEncoder(vae_name=offline["vae"]) if latent else E.StandardRGBEncoder()
     made = []
     for field, url, classes in (("teacher.release", cfg.teacher.release, 2), ("pairs.guide", cfg.pairs.guide, 0)):
         if url:
-            torch.manual_seed(len(made))
-            net = build_denoiser("S", resolution, channels, classes, channels=16, channel_mult=[1, 2], num_blocks=1,
-                                 attn_resolutions=[8])
-            made.append(f"{field}={write_release(folder / url.rsplit('/', 1)[1], net, encoder, {'vae_name': offline['vae']})}")
+            net = E.precond(len(made), img_resolution=resolution, img_channels=channels, label_dim=classes)
+            made.append(f"{field}={E.write(folder / url.rsplit('/', 1)[1], E.snapshot(net, encoder=encoder))}")
     return made
 
 
 @pytest.mark.parametrize("preset", PRESETS)
-def test_a_shrunk_copy_of_each_preset_runs_end_to_end(preset, offline, release_pickler, one_thread):
+def test_a_shrunk_copy_of_each_preset_runs_end_to_end(preset, offline, one_thread):
     cfg = C.load_config(preset, SHRINK)
     files = [f"encode.path={offline['imagenet']}", f"refstats.inception_weights={offline['inception']}"]
     files += [f"encode.vae={offline['vae']}"] if cfg.encode.encoder == "vae" else []

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from edm2_files import dataset_refs
 from helpers import CountingExecutor, save_random_inception, save_tiny_vae
 
 from pipeline import config as C
@@ -107,14 +108,15 @@ def test_vae_samples_do_not_depend_on_the_batch(tmp_path, inception):
 
 @pytest.mark.parametrize("kind", ["npz", "pkl"])  # clean-fid/ADM/EDM's npz, EDM2's dataset-refs pickle
 def test_published_statistics_are_used_as_is(tmp_path, inception, kind):
-    rng = np.random.default_rng(0)
-    mu, sigma = rng.normal(size=2048).astype(np.float32), np.diag(rng.uniform(1, 2, 2048))
+    refs = dataset_refs(0)  # its fd_dinov2 statistics are not used: the ci preset has no DINOv2
+    mu, sigma = refs["fid"]["mu"], refs["fid"]["sigma"]
     url = f"memory://refs/imagenet64.{kind}"
     buf = io.BytesIO()
     if kind == "npz":
+        mu = mu.astype(np.float32)
         np.savez(buf, mu=mu, sigma=sigma)
     else:
-        pickle.dump({"num_images": 1281167, "fid": {"mu": mu, "sigma": sigma}}, buf)
+        pickle.dump(refs, buf)
     store.write_bytes(url, buf.getvalue())
     executor = CountingExecutor()
     cfg = _cfg(tmp_path, inception, f"refstats.stats={url}")
@@ -193,15 +195,15 @@ class RunsCode:
         return os.system, ("touch PWNED",)
 
 
-def test_edm2_dataset_refs_give_fid_and_fd_dinov2_statistics(tmp_path, monkeypatch):
-    rng = np.random.default_rng(1)
-    refs = {"num_images": 1281167, "fid": {"mu": rng.normal(size=2048).astype(np.float32), "sigma": np.eye(2048)},
-            "fd_dinov2": {"mu": rng.normal(size=1024), "sigma": np.diag(rng.uniform(1, 2, 1024))}}
+@pytest.mark.parametrize("protocol", [4, 5])  # as calculate_metrics.py pickles them under Python <= 3.13, >= 3.14
+def test_edm2_dataset_refs_give_fid_and_fd_dinov2_statistics(protocol, tmp_path, monkeypatch):
+    refs = dataset_refs(1)
     path = tmp_path / "img512.pkl"
-    path.write_bytes(pickle.dumps(refs))
+    path.write_bytes(pickle.dumps(refs, protocol))
     stats = R.read_stats(str(path))
     assert set(stats) == {"inception", "dinov2"} and all(a.dtype == np.float64 for pair in stats.values() for a in pair)
-    assert np.array_equal(stats["inception"][0], refs["fid"]["mu"]) and np.array_equal(stats["dinov2"][1], refs["fd_dinov2"]["sigma"])
+    for name, metric in R.EDM2_REFS.items():
+        assert all(np.array_equal(a, refs[metric][k]) for a, k in zip(stats[name], ("mu", "sigma")))
     monkeypatch.chdir(tmp_path)
     for content, message in (({**refs, "extra": RunsCode()}, "cannot read it.*refused posix.system|cannot read it.*refused os.system"),
                              ({"num_images": 3}, r"no statistics of Inception \(fid\) or DINOv2"),

@@ -1,46 +1,129 @@
-"""EDM2's release pickles read without running them: a test-made file in the same format (persistence
-records of a small random network, float16 tensors, a dnnlib EasyDict on top, numpy values), and
-files that carry other globals, a nested storage that does, or are cut short."""
+"""EDM2's own files read without running them: snapshots and post-hoc reconstructions with EDM2's module tree,
+names, float16 tensors and persistence records (tests/edm2_files.py), imported into onestep's network with the
+same forward; files that carry other globals, a nested storage that does, or are cut short."""
 
 import io
 import json
 import os
 import pickle
+import re
+
 import numpy as np
 import pytest
 import torch
 
+import edm2_files as E
 from pipeline import cli
+from pipeline.data.encoders import RAW_MEAN, RAW_STD
 from pipeline.models import edm2_release as R
 from pipeline.models.edm2 import build_denoiser
 from pipeline.weights import read_weights
 
-from helpers import EDM2_KWARGS, EasyDict, Precond
+PAYLOAD = "import os\nos.system('touch PWNED')\n"
 
 
-def test_a_release_file_gives_the_networks_tensors_and_arguments(release_pickler, tmp_path, monkeypatch):
-    torch.manual_seed(0)
-    net = build_denoiser(preset="ci", img_resolution=8, img_channels=3, num_classes=2).half()
-    data = release_pickler(EasyDict(ema=net, dataset_kwargs={"resolution": 8, "max_size": 10},
-                                    encoder_scale=np.float32([0.5, 0.25]), step=np.int64(7)))
+@pytest.mark.parametrize("protocol", [4, 5])  # Python's default protocol: 4 up to 3.13, 5 from 3.14
+def test_an_edm2_snapshot_reads_as_records_without_running_its_code(protocol, tmp_path, monkeypatch):
+    net = E.precond(0)
+    data = E.snapshot(net, loss_fn=E.EDM2Loss(P_mean=-0.8, P_std=1.6))
     monkeypatch.chdir(tmp_path)
-    top = R.loads(data)
-    assert not (tmp_path / "PWNED").exists()  # the record's source was never run
-    assert isinstance(top, R.EasyDict) and top.dataset_kwargs == {"resolution": 8, "max_size": 10}
-    assert isinstance(top.ema, R.Persistent) and top.ema.init_kwargs == {"kind": type(net).__name__}
-    assert "os.system" in top.ema.module_src
-    np.testing.assert_array_equal(top.encoder_scale, np.float32([0.5, 0.25]))
-    assert top.step == 7 and isinstance(top.step, np.int64)
-    assert any(isinstance(m, R.TorchModule) for m in top.ema.state["_modules"]["unet"].state["_modules"].values())
-    expected = net.state_dict()
-    got = R.tensors(top.ema)
+    top = R.loads(E.dumps(data, protocol, module_src=PAYLOAD))
+    assert not (tmp_path / "PWNED").exists()  # the records' source was never run
+    assert isinstance(top, R.EasyDict) and sorted(top) == ["dataset_kwargs", "ema", "encoder", "loss_fn"]
+    assert top.dataset_kwargs == {"class_name": "training.dataset.ImageFolderDataset", "path": "datasets/img16.zip",
+                                  "use_labels": True}
+    assert (top.encoder.class_name, top.encoder.state) == ("StandardRGBEncoder", {"_init_args": (), "_init_kwargs": {}})
+    assert top.loss_fn.class_name == "EDM2Loss" and top.loss_fn.init_kwargs == {"P_mean": -0.8, "P_std": 1.6}
+    assert top.ema.class_name == "Precond" and top.ema.module_src == PAYLOAD and top.ema.init_args == ()
+    assert top.ema.init_kwargs == {"img_resolution": 16, "img_channels": 3, "label_dim": 10, "use_fp16": True, **E.TINY}
+    assert isinstance(top.ema.state["_modules"]["unet"].state["_modules"]["enc"], R.TorchModule)  # a ModuleDict
+    got, expected = R.tensors(top.ema), data["ema"].state_dict()
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert got[name].dtype == torch.float16 and torch.equal(got[name], value), name
-    rebuilt = build_denoiser(preset="ci", img_resolution=8, img_channels=3, num_classes=2)
-    rebuilt.load_state_dict({k: v.float() for k, v in got.items()})
-    x, sigma, labels = torch.randn(2, 3, 8, 8), torch.tensor([0.5, 2.0]), torch.tensor([0, 1])
-    torch.testing.assert_close(rebuilt(x, sigma, labels), net.float()(x, sigma, labels))
+
+
+def test_every_edm2_tensor_lands_in_onesteps_network_and_every_onestep_tensor_comes_from_the_file():
+    record = R.loads(E.dumps(E.snapshot(E.precond(0))))["ema"]
+    theirs = R.tensors(record)
+    assert {"unet.emb_fourier.freqs", "unet.emb_fourier.phases", "logvar_fourier.freqs", "logvar_fourier.phases",
+            "logvar_linear.weight", "unet.out_gain", "unet.emb_label.weight", "unet.enc.16x16_conv.weight",
+            "unet.enc.8x8_down.emb_gain", "unet.dec.8x8_in0.attn_qkv.weight", "unet.dec.16x16_block1.conv_skip.weight",
+            "unet.out_conv.weight"} <= set(theirs)  # EDM2's own names
+    ours = build_denoiser(**R.network_arguments(record)).state_dict()
+    mapping = {name: R.onestep_name(name) for name in theirs}
+    assert sorted(mapping.values()) == sorted(ours)  # every onestep tensor, each from one EDM2 tensor
+    assert all(theirs[name].shape == ours[mapping[name]].shape for name in theirs)
+    assert (mapping["unet.emb_fourier.freqs"], mapping["logvar_fourier.phases"]) == ("unet.emb_fourier.freq", "u_fourier.phase")
+    state = R.network_state(record)
+    assert all(state[mapping[name]].dtype == torch.float32 and torch.equal(state[mapping[name]], theirs[name].float())
+               for name in theirs)
+
+
+@pytest.mark.parametrize("label_dim", [10, 0])
+def test_import_edm2_gives_the_network_edm2_computes(label_dim, tmp_path, capsys):
+    data = E.snapshot(E.precond(1, label_dim=label_dim))
+    path = E.write(tmp_path / "edm2-img16-s-2147483-0.130.pkl", data)
+    out = tmp_path / "imported"
+    assert cli.main(["import-edm2", str(path), "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    config = json.loads((out / "network.json").read_text())
+    assert config == {"preset": "S", "img_resolution": 16, "img_channels": 3, "num_classes": label_dim, "channels": 32,
+                      "channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [8], "dropout": 0.0}
+    imported = build_denoiser(**config).eval()  # (training mode renormalises weights in place)
+    weights = read_weights(str(out / "network.safetensors"))
+    assert all(w.dtype == torch.float32 for w in weights.values())
+    imported.load_state_dict(weights)
+    reference = data["ema"].float()  # EDM2's math on the float32 of the file's float16 weights
+    x, sigma, labels = torch.randn(3, 3, 16, 16), torch.tensor([0.1, 1.0, 20.0]), torch.tensor([0, 4, 9])
+    cases = [(None, None)] + ([(labels, E.one_hot(labels, label_dim))] if label_dim else [])  # no labels: zeros
+    with torch.no_grad():
+        for ours, theirs in cases:
+            expected, logvar = reference(x, sigma, theirs, return_logvar=True)
+            got, u = imported(x, sigma, ours, return_u=True)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(u, logvar.reshape(-1), atol=1e-5, rtol=1e-5)  # EDM2's logvar is onestep's u
+
+
+def _set_init_kwarg(net: E.Precond, **kwargs) -> E.Precond:
+    net._init_kwargs.update(kwargs)  # a file written by another version of EDM2's code
+    return net
+
+
+@pytest.mark.parametrize("make,named", [
+    (lambda: E.precond(0, sigma_data=1.0), "sigma_data=1.0"),
+    (lambda: E.precond(0, concat_balance=0.7), "concat_balance=0.7"),
+    (lambda: E.precond(0, channels_per_head=32), "channels_per_head=32"),
+    (lambda: E.precond(0, model_channels=16), r"attention at \[32\] channels, where EDM2 computes none"),
+    (lambda: _set_init_kwarg(E.precond(0), fancy_new_option=1), "fancy_new_option"),
+    (lambda: _set_init_kwarg(E.precond(0), model_channels=64), "do not fit")])
+def test_networks_onestep_cannot_compute_are_refused(make, named, tmp_path, capsys):
+    path = E.write(tmp_path / "other.pkl", E.snapshot(make()))
+    assert cli.main(["import-edm2", str(path), "--out", str(tmp_path / "out")]) == 2
+    assert re.search(named, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+ENCODE_VAE = {"name": "vae", "raw_mean": list(RAW_MEAN), "raw_std": list(RAW_STD), "vae": "/models/sd-vae-ft-mse"}
+
+
+@pytest.mark.parametrize("encoder,named", [
+    (E.StabilityVAEEncoder(), None),
+    (E.StabilityVAEEncoder(raw_mean=[5.81, 3.25, 0.12, -2.0]), "normalises VAE latents as raw"),
+    (E.StabilityVAEEncoder(final_std=1.0), "normalises VAE latents as raw"),
+    (E.StabilityVAEEncoder(vae_name="stabilityai/sd-vae-ft-ema"), "trained on latents of the VAE stabilityai/sd-vae-ft-ema"),
+    (E.StandardRGBEncoder(), "trained on StandardRGBEncoder data")])
+def test_the_encoder_record_is_checked_against_the_encode_artifact(encoder, named):
+    top = R.loads(E.dumps(E.snapshot(E.precond(0, img_channels=4), encoder=encoder)))
+    if named is None:
+        R.check_encoder(top, {"encoder": ENCODE_VAE}, "x.pkl")
+    else:
+        with pytest.raises(ValueError, match=named):
+            R.check_encoder(top, {"encoder": ENCODE_VAE}, "x.pkl")
+
+
+def test_file_names_give_edm2s_times():
+    assert [R.kimg_to_nimg(k) for k in (0, 1, 8388, 2147483, 41, 42)] == [0, 1024, 8388608, 2147483648, 41984, 42000]
 
 
 class RunsCode:
@@ -89,45 +172,12 @@ def test_a_nested_storage_is_read_restricted_too(tmp_path, monkeypatch):
     torch.testing.assert_close(R.loads(pickle.dumps(good(), protocol=4)), torch.arange(3.0))
 
 
-def test_a_truncated_file_is_a_clear_error(release_pickler, tmp_path):
-    data = release_pickler(EasyDict(ema=torch.nn.Linear(3, 2)))
+def test_a_truncated_file_is_a_clear_error(tmp_path):
+    data = E.dumps(E.snapshot(E.precond(0)))
     path = tmp_path / "edm2-img64-s-1073741-0.075.pkl"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"edm2-img64-s-1073741-0.075.pkl is not a complete EDM2 pickle.*download it again"):
         R.load(str(path))
-
-
-def test_import_edm2_writes_the_network_the_stages_read(release_pickler, tmp_path, capsys):
-    torch.manual_seed(0)
-    net = build_denoiser("S", 16, 3, 10, channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8]).half()
-    path = tmp_path / "edm2-img16-test-0.100.pkl"
-    path.write_bytes(release_pickler(EasyDict(ema=Precond(net, **EDM2_KWARGS), dataset_kwargs={"resolution": 16})))
-    out = tmp_path / "imported"
-    assert cli.main(["import-edm2", str(path), "--out", str(out)]) == 0
-    assert str(out) in capsys.readouterr().out
-    config = json.loads((out / "network.json").read_text())
-    assert config == {**net.config, "preset": "S"}
-    imported = build_denoiser(**config)
-    weights = read_weights(str(out / "network.safetensors"))
-    assert all(w.dtype == torch.float32 for w in weights.values())
-    imported.load_state_dict(weights)
-    x, sigma, labels = torch.randn(3, 3, 16, 16), torch.tensor([0.1, 1.0, 20.0]), torch.tensor([0, 4, 9])
-    expected, expected_u = net.float()(x, sigma, labels, return_u=True)
-    got, got_u = imported(x, sigma, labels, return_u=True)
-    torch.testing.assert_close(got, expected)
-    torch.testing.assert_close(got_u, expected_u)  # EDM2's logvar head became onestep's u(sigma)
-
-
-@pytest.mark.parametrize("change,named", [({"sigma_data": 1.0}, "sigma_data=1.0"),
-                                          ({"concat_balance": 0.7}, "concat_balance=0.7"),
-                                          ({"fancy_new_option": 1}, "fancy_new_option"),
-                                          ({"model_channels": 96}, "do not fit")])
-def test_networks_onestep_cannot_compute_are_refused(change, named, release_pickler, tmp_path, capsys):
-    net = build_denoiser("S", 16, 3, 10, channels=64, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[8])
-    path = tmp_path / "other.pkl"
-    path.write_bytes(release_pickler(EasyDict(ema=Precond(net, **{**EDM2_KWARGS, **change}))))
-    assert cli.main(["import-edm2", str(path), "--out", str(tmp_path / "out")]) == 2
-    assert named in capsys.readouterr().err and not (tmp_path / "out").exists()
 
 
 def test_import_edm2_refuses_a_file_that_runs_code(tmp_path, capsys, monkeypatch):

@@ -83,3 +83,28 @@ def test_the_lease_of_an_exited_process_on_this_host_is_taken_over_at_once(tmp_p
     assert taker.acquire("encode", wait=False) is False and time.time() - start < 2
     assert f"its process (pid {record['pid']}) on this host has exited" in caplog.text
     taker.release()
+
+
+def test_a_superseded_holder_removes_nothing_of_the_runs_after_it(tmp_path):
+    """A stalled holder's generation is removed by the run that takes it over; when that run is done, the next
+    one starts again at generation 0, the stalled holder's number: the stalled one, released at last, leaves
+    it alone and cannot commit."""
+    url = str(tmp_path / "teacher" / "0123456789abcdef")
+    stalled = lease.Lease(url, timeout_s=0.3)
+    stalled.acquire("teacher")
+    stalled._stop.set()  # frozen past the timeout
+    stalled._beat.join()
+    time.sleep(0.5)
+    taker = lease.Lease(url, timeout_s=0.3)
+    taker.acquire("teacher")
+    assert taker.generation == 1 and taker._generations() == [1]  # the superseded generation is gone
+    taker.release()
+    newcomer = lease.Lease(url, timeout_s=60)
+    newcomer.acquire("teacher", wait=False)
+    assert newcomer.generation == stalled.generation == 0
+    with pytest.raises(lease.LeaseLost):
+        stalled.check()
+    stalled.release()
+    newcomer.check()  # still its own
+    newcomer.release()
+    assert not store.exists(newcomer.folder)
