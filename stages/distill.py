@@ -215,9 +215,9 @@ def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Modu
     lambda_reg LPIPS(G(pair noise), pair target). (G's no-grad forwards come first: a training-mode
     forward renormalises its weights in place, which would break the graph of the one with grad.)
 
-    DMD's algorithm updates the fake score after G's step; on the demo preset that order gave a
-    student 6.95x the best teacher's FD against 1.48x for this one. The price: the fake score's
-    training graph and G's coexist, so peak memory is about one fake-score step higher."""
+    DMD's algorithm updates the fake score after G's step; this order gives G a fake score that has
+    seen its batch (docs/results.md compares the two). The price: the fake score's training graph and
+    G's coexist, so peak memory is about one fake-score step higher."""
     cfg = args.cfg
     fakes = [fake_update(nets, fake_model, args, batch, device) for _ in range(cfg.fake_updates_per_gen - 1)]
     z, labels = _latents(batch, nets.real, device)

@@ -52,7 +52,7 @@ def _psd_sqrt(s: np.ndarray) -> np.ndarray:
 def _trace_sqrt_product(s1: np.ndarray, s2: np.ndarray) -> float:
     """Tr sqrtm(S1 S2) for covariances: S1 S2 is similar to sqrt(S1) S2 sqrt(S1), which is
     symmetric PSD, so the trace is the sum of the square roots of its eigenvalues. Two
-    symmetric eigendecompositions instead of a general sqrtm: ~10x faster at 2048-d, and
+    symmetric eigendecompositions instead of a general sqrtm (faster: docs/results.md), and
     exact for the rank-deficient covariances of small samples."""
     root = _psd_sqrt(s1)
     eig = np.linalg.eigvalsh(root @ s2 @ root)
@@ -120,7 +120,7 @@ class InceptionFeatures:
     dim = FEATURE_DIM
 
     def __init__(self, layers: torch.nn.Module, device: str, random: bool) -> None:
-        # (x - 128) / 128 at 299x299 -> 2048 values per image; channels_last is ~1.6x faster on a CPU
+        # (x - 128) / 128 at 299x299 -> 2048 values per image; channels_last is faster on a CPU (docs/results.md)
         self.layers = layers.to(device, memory_format=torch.channels_last).eval()
         self.device = device
         self.random = random

@@ -19,9 +19,16 @@ TINY_EVAL = ["eval.num_images=8", "eval.num_steps=2", "eval.images_per_task=8", 
 BASE = [*DISTILL_TINY, *VALIDATION, *TINY_EVAL]
 
 
-def test_a_sweep_of_two_values_shares_the_teacher_and_makes_two_students(ray_session, tmp_path, caplog):
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    """One storage for the module: the inline sweep finds the upstream artifacts the Tune sweep made (and
+    makes them itself when it runs alone)."""
+    return str(tmp_path_factory.mktemp("sweep"))
+
+
+def test_a_sweep_of_two_values_shares_the_teacher_and_makes_two_students(ray_session, storage, caplog):
     caplog.set_level(logging.INFO, logger="onestep")
-    trials = S.expand("ci", BASE, str(tmp_path), ["distill.lr=1e-4,1e-3"], [])
+    trials = S.expand("ci", BASE, storage, ["distill.lr=1e-4,1e-3"], [])
     folder, table = S.sweep(trials, RayExecutor(), asha=False)
     assert caplog.text.count("teacher: running (key") == 1  # made once, before the trials, for both
     assert [r["status"] for r in table] == ["done", "done"]
@@ -29,7 +36,7 @@ def test_a_sweep_of_two_values_shares_the_teacher_and_makes_two_students(ray_ses
     assert table[0]["keys"]["teacher"] == table[1]["keys"]["teacher"]
     assert table[0]["keys"]["distill"] != table[1]["keys"]["distill"]  # two students, each its own key
     for row in table:
-        student = store.Store(str(tmp_path)).artifact("distill", row["keys"]["distill"]).manifest()["outputs"]
+        student = store.Store(storage).artifact("distill", row["keys"]["distill"]).manifest()["outputs"]
         assert [p[0] for p in row["curve"]] == [0, 32, 64] and student["student"]["nimg"] == row["kept_nimg"]
         assert row["reported"] == row["curve"]  # each validation reached Ray Tune (what ASHA reads)
         assert row["student_metric"] > 0 and 0 <= row["class_accuracy"] <= 1
@@ -42,8 +49,8 @@ def test_a_sweep_of_two_values_shares_the_teacher_and_makes_two_students(ray_ses
     assert store.read_bytes(store.join(folder, "curves.png"))[:4] == b"\x89PNG"
 
 
-def test_inline_a_failing_trial_is_a_row_with_its_error_and_the_cli_prints_the_table(tmp_path, capsys):
-    args = ["sweep", "--config", "ci", "--storage", str(tmp_path), "--no-asha",
+def test_inline_a_failing_trial_is_a_row_with_its_error_and_the_cli_prints_the_table(storage, capsys):
+    args = ["sweep", "--config", "ci", "--storage", storage, "--no-asha",
             *(a for s in [*BASE, "executor=inline"] for a in ("--set", s)),
             "--trial", "distill.lr=1e-4", "--trial", "distill.lr=1e6 distill.fake_lr=1e6 distill.keep=last"]
     assert cli.main(args) == 0
