@@ -102,7 +102,7 @@ def forward_seconds(net: Denoiser, batch: int, iters: int) -> float:
 LOSS_KEYS = ("P_mean", "P_std", "weighting", "min_snr_gamma", "use_uncertainty")  # distill.run's teacher_loss
 
 
-DMD2_SETTINGS = {"method": "dmd2", "lambda_reg": 0.0, "fake_updates_per_gen": 5}  # DMD2's rule, as in the README
+DMD2_SETTINGS = {"method": "dmd2", "lambda_reg": 0.0, "fake_updates_per_gen": 5}  # DMD2's rule (docs/stages.md)
 
 
 def distill_args(preset: str, root: str, method: str = "dmd") -> D.DistillArgs:
