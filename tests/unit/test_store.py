@@ -1,4 +1,5 @@
 import json
+import logging
 import uuid
 
 import pytest
@@ -63,3 +64,21 @@ def test_urls_are_normalised_and_redacted(tmp_path, monkeypatch):
     assert store.Store("./artifacts").root == str(tmp_path / "artifacts")
     assert store.Store("s3://bucket/run/").root == "s3://bucket/run"
     assert store.redact("s3://KEY:SECRET@bucket/x") == "s3://bucket/x"
+
+
+def test_an_orphaned_requests_dropped_connection_is_logged_at_debug_and_other_loop_errors_are_not_hidden(caplog):
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    try:
+        store._quiet_orphaned_requests(loop)
+        caplog.set_level(logging.DEBUG)
+        loop.call_exception_handler({"message": "Task exception was never retrieved",
+                                     "exception": ConnectionResetError("Cannot write to closing transport")})
+        dropped = [r for r in caplog.records if "Cannot write to closing transport" in r.getMessage()]
+        assert [(r.name, r.levelno) for r in dropped] == [("onestep", logging.DEBUG)]
+        loop.call_exception_handler({"message": "Task exception was never retrieved", "exception": ValueError("a bug")})
+        assert any(r.name == "asyncio" and r.levelno == logging.ERROR and "never retrieved" in r.getMessage()
+                   for r in caplog.records)
+    finally:
+        loop.close()
