@@ -313,7 +313,8 @@ def _validation(args: DistillArgs, session: TrainSession, encoder: Any) -> Valid
 
 
 def _validation_grid(net: Denoiser, sigmas: list[float], val: Validation, device: torch.device) -> np.ndarray:
-    """The student's samples of the first 8 validation seeds, a row per class (up to 10): the trackers' picture."""
+    """The trackers' picture: the student's samples of the first 8 validation seeds, a row per class (up to 10);
+    an unconditional student's of the first 16, in two rows."""
     seeds = validation_seeds(16)
     if not net.num_classes:
         return report.grid([list(val.decode(seeded_student_sample(net, sigmas, s, device)[0])) for s in (seeds[:8], seeds[8:])])
