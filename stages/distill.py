@@ -40,8 +40,8 @@ from pipeline.data.encoders import encoder_from_info, lpips_decoder
 from pipeline.data.shards import reader
 from pipeline.diffusion.dmd import (OneStepGenerator, distribution_matching_loss, fake_score_loss, load_lpips,
                                     lpips_regression_loss, sample_dm_sigma, seeded_student_sample, student_sigmas)
-from pipeline.diffusion.gan import (DiscriminatorHead, ScoreWithHead, bottleneck_channels, discriminator_loss,
-                                    generator_loss)
+from pipeline.diffusion.gan import (DiscriminatorHead, ScoreWithHead, balanced_gan_weight, bottleneck_channels,
+                                    discriminator_loss, generator_loss)
 from pipeline.diffusion.loss import edm2_error, sample_sigma
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.metrics.probe import ProbeFeatures
@@ -239,26 +239,24 @@ def train_step(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Modu
 def generator_update_dmd2(nets: Nets, gen_model: torch.nn.Module, args: DistillArgs, batch: int,
                           device: torch.device, x: torch.Tensor, labels: torch.Tensor | None,
                           fake: dict[str, float]) -> dict[str, float]:
-    """G's DMD2 step on its batch x = G(z): L_DM + gan_g_weight x softplus(-D(x noised)), D the head on the
-    fake score's features at a sigma from the teacher's training distribution. The fake score and the
-    head are frozen for it: the gradient reaches G's weights only."""
+    """G's DMD2 step on its batch x = G(z): L_DM + w x softplus(-D(x noised)), D the head on the fake
+    score's features at a sigma from the teacher's training distribution; w is gan_g_weight, or with
+    gan_balance the weight that gives the GAN term's gradient at x that multiple of L_DM's norm there.
+    Both gradients are taken at x (the fake score and head get none) and G backpropagates their sum."""
     cfg, loss_cfg = args.cfg, args.teacher_loss
     with mixed_precision(device):
         loss_dm, info = _dm_loss(nets, x, labels, args, batch, device)
         sigma = sample_sigma(batch, loss_cfg["P_mean"], loss_cfg["P_std"], None, device)
-        frozen = [p for p in nets.fake.parameters() if p.requires_grad]
-        for p in frozen:  # the graph records them as constants: G's backward leaves their gradients alone
-            p.requires_grad_(False)
-        try:
-            _, logits = nets.fake(x + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x), sigma, labels,
-                                  return_logits=True)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
+        _, logits = nets.fake(x + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x), sigma, labels, return_logits=True)
         loss_gan = generator_loss(logits)
-    loss = loss_dm + cfg.gan_g_weight * loss_gan
-    norm, finite = _g_step(nets, loss, args)
-    return _row_of({"loss_dm": loss_dm, "loss_gan_g": loss_gan}, loss, info, norm, finite, fake)
+    grad_dm, = torch.autograd.grad(loss_dm, x, retain_graph=True)
+    grad_gan, = torch.autograd.grad(loss_gan, x, retain_graph=True)
+    weight = balanced_gan_weight(grad_dm, grad_gan, cfg.gan_balance) if cfg.gan_balance else cfg.gan_g_weight
+    surrogate = (x * (grad_dm + weight * grad_gan)).sum()  # its gradient at x is that of L_DM + w L_GAN
+    norm, finite = _g_step(nets, surrogate, args)
+    ratio = float(weight * grad_gan.norm() / grad_dm.norm().clamp_min(1e-30))
+    row = _row_of({"loss_dm": loss_dm, "loss_gan_g": loss_gan}, loss_dm + weight * loss_gan, info, norm, finite, fake)
+    return {**row, "gan_weight": float(weight), "gan_grad_ratio": ratio}
 
 
 def train_step_dmd2(nets: Nets, gen_model: torch.nn.Module, fake_model: torch.nn.Module, reals: Iterator,

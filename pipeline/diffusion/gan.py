@@ -60,6 +60,15 @@ def bottleneck_channels(score: nn.Module) -> int:
     return list(score.unet.enc.values())[-1].out_channels
 
 
+def balanced_gan_weight(grad_dm: torch.Tensor, grad_gan: torch.Tensor, ratio: float) -> torch.Tensor:
+    """G's GAN weight w at which w x the GAN loss's gradient at G's output has `ratio` x the norm of the
+    DM loss's gradient there (DMD2's authors set the two norms equal, then searched around it). The DM
+    loss's gradient scales with 1 / (pixels per image) and the GAN loss's does not, so a fixed weight
+    tuned at one resolution is another balance at the next; a ratio carries over. Detached: a constant
+    of the step."""
+    return ratio * grad_dm.detach().norm() / grad_gan.detach().norm().clamp_min(1e-30)
+
+
 def discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
     """Non-saturating GAN loss of the discriminator: softplus(-D(real)) + softplus(D(fake)), means."""
     return F.softplus(-logits_real.float()).mean() + F.softplus(logits_fake.float()).mean()

@@ -13,7 +13,7 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.data.encoders import encoder_from_info
 from pipeline.diffusion.dmd import OneStepGenerator, student_sigmas
-from pipeline.diffusion.gan import DiscriminatorHead, ScoreWithHead
+from pipeline.diffusion.gan import DiscriminatorHead, ScoreWithHead, generator_loss
 from pipeline.diffusion.sampler import seeded_noise
 from pipeline.weights import load_network
 from stages.evaluate import generate, student_model
@@ -147,18 +147,24 @@ class ShiftGenerator(nn.Module):
         return self.shift + S * z
 
 
-def _gaussian_run(gan_g_weight: float, steps: int = 150) -> float:
+def _gaussian_setup(optimizer: type = torch.optim.Adam, **distill: float) -> tuple[D.DistillArgs, D.Nets]:
     torch.manual_seed(0)
-    cfg = C.DistillConfig(method="dmd2", lambda_reg=0, gan_g_weight=gan_g_weight, gan_d_weight=1.0, batch=64,
-                          reg_batch=64, duration_nimg=64, checkpoint_nimg=64, log_nimg=64, grad_clip=1e9,
-                          fake_updates_per_gen=2)
+    cfg = C.DistillConfig(**{"method": "dmd2", "lambda_reg": 0, "gan_d_weight": 1.0, "batch": 64, "reg_batch": 64,
+                             "duration_nimg": 64, "checkpoint_nimg": 64, "log_nimg": 64, "grad_clip": 1e9,
+                             "fake_updates_per_gen": 2, **distill})
     args = D.DistillArgs(cfg, {"P_mean": -0.4, "P_std": 1.0, "weighting": "edm2", "min_snr_gamma": 5.0,
                                "use_uncertainty": False}, None, "", "", [], [], {}, None, None, 0)
     teacher = GaussianScore(0.0, trainable=False)
     fake = ScoreWithHead(GaussianScore(0.0, trainable=True), DiscriminatorHead(2, hidden=16))
     generator = ShiftGenerator(0.0)
-    nets = D.Nets(generator, fake, teacher, None, torch.optim.Adam(generator.parameters(), lr=0.02),
-                  torch.optim.Adam(fake.parameters(), lr=0.02))
+    nets = D.Nets(generator, fake, teacher, None, optimizer(generator.parameters(), lr=0.02),
+                  optimizer(fake.parameters(), lr=0.02))
+    return args, nets
+
+
+def _gaussian_run(gan_g_weight: float, steps: int = 150, **distill: float) -> float:
+    args, nets = _gaussian_setup(gan_g_weight=gan_g_weight, **distill)
+    generator, fake = nets.generator, nets.fake
     device = torch.device("cpu")
     for _ in range(steps):
         fakes = [D.fake_update(nets, fake, args, 64, device, real=(1.0 + S * torch.randn(64, 2, 4, 4), None))]
@@ -172,6 +178,36 @@ def test_on_a_gaussian_the_gan_term_moves_g_from_the_teachers_bias_toward_the_re
     dm_only, with_gan = _gaussian_run(0.0), _gaussian_run(1.0)
     assert abs(dm_only) < 0.15  # distribution matching alone keeps G on the teacher's mean, 0
     assert with_gan > 0.5, with_gan  # the GAN term, trained on real data at mean 1, pulls G most of the way there
+    # Balanced, the weight sets which pull wins where they oppose: 3x DM's norm, the real data; 0.3x, the teacher
+    assert _gaussian_run(0.0, gan_balance=3.0) > 0.5 and abs(_gaussian_run(0.0, gan_balance=0.3)) < 0.15
+
+
+def test_gs_dmd2_step_follows_the_gradient_of_l_dm_plus_the_weighted_gan_loss():
+    """The step combines the two losses' gradients at G's output and backpropagates their sum through G:
+    with plain SGD the parameters move by -lr x the gradient of L_DM + w L_GAN taken the textbook way."""
+    for distill in ({"gan_g_weight": 0.3}, {"gan_balance": 0.5}):
+        args, nets = _gaussian_setup(torch.optim.SGD, adam_beta1=0.0, weight_decay=0.0, **distill)
+        nets.fake.score.mean.data.fill_(0.3)  # a fake score that has learned something: L_DM has a gradient
+        x_of = lambda: nets.generator(torch.randn(64, 2, 4, 4, generator=torch.Generator().manual_seed(1)))
+        torch.manual_seed(2)
+        row = D.generator_update_dmd2(nets, nets.generator, args, 64, torch.device("cpu"), x_of(), None, {"finite": 1.0})
+        moved = -(nets.generator.shift.detach().clone() - 0.0) / 0.02
+        nets.generator.shift.data.zero_()
+        torch.manual_seed(2)  # the same sigmas and noise as the step drew
+        x = x_of()
+        loss_dm, _ = D._dm_loss(nets, x, None, args, 64, torch.device("cpu"))
+        sigma = D.sample_sigma(64, -0.4, 1.0, None, torch.device("cpu"))
+        _, logits = nets.fake(x + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x), sigma, None, return_logits=True)
+        loss_gan = generator_loss(logits)
+        if "gan_balance" in distill:  # the weight at which the GAN gradient at x is 0.5 x the DM one's norm
+            g_dm, g_gan = (torch.autograd.grad(t, x, retain_graph=True)[0] for t in (loss_dm, loss_gan))
+            assert row["gan_weight"] == pytest.approx(float(0.5 * g_dm.norm() / g_gan.norm()), rel=1e-5)
+            assert row["gan_grad_ratio"] == pytest.approx(0.5, rel=1e-5)
+        else:
+            assert row["gan_weight"] == 0.3
+        expected, = torch.autograd.grad(loss_dm + row["gan_weight"] * loss_gan, nets.generator.shift)
+        torch.testing.assert_close(moved, expected, rtol=1e-4, atol=1e-7)
+        assert row["loss_g"] == pytest.approx((loss_dm + row["gan_weight"] * loss_gan).item(), rel=1e-5)
 
 
 # --- multi-step students ------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""Teacher images/s: a bare forward+backward against the training loop's, on the CPU; on a GPU,
-XS and S images/s and fraction of peak in bf16.
+"""Teacher images/s: the demo network's forward+backward in NHWC against NCHW; a bare forward+backward
+against the training loop's, on the CPU; on a GPU, XS and S images/s and fraction of peak in bf16.
 
     python workflows/bench.py train
 """
@@ -76,7 +76,9 @@ def _round(batch: int, channels: int, resolution: int, num_classes: int, device:
     cfg = C.TeacherConfig()  # the default noise levels
     y = 0.5 * torch.randn(batch, channels, resolution, resolution, device=device)
     labels = torch.randint(0, num_classes, (batch,), device=device)
-    return T.Round(y, labels, sample_sigma(batch, cfg.P_mean, cfg.P_std, None, device), torch.randn_like(y))
+    noise = torch.randn_like(y)
+    y, noise = (t.contiguous(memory_format=torch.channels_last) for t in (y, noise))  # train_loop's layout
+    return T.Round(y, labels, sample_sigma(batch, cfg.P_mean, cfg.P_std, None, device), noise)
 
 
 def _forward_backward(net: Denoiser, r: T.Round, bf16: bool) -> None:
@@ -88,6 +90,24 @@ def _forward_backward(net: Denoiser, r: T.Round, bf16: bool) -> None:
 def _step_seconds(net: Denoiser, r: T.Round, warmup: int, iters: int, bf16: bool = False) -> float:
     """Median wall time of one forward+backward after `warmup` untimed ones."""
     return median_seconds(partial(_forward_backward, net, r, bf16), warmup, iters)
+
+
+def _layout_rows(iters: int = 10) -> list[Row]:
+    """The demo teacher's forward+backward (batch 64) on the channels-last images train_loop feeds it,
+    against the same images in NCHW, interleaved rounds."""
+    cfg = C.load_config("demo").teacher
+    torch.manual_seed(0)
+    net = build_denoiser("demo", 16, 3, 10, **cfg.network_overrides()).train()
+    r = _round(cfg.batch, 3, 16, 10, torch.device("cpu"))
+    nchw = T.Round(r.y.contiguous(), r.labels, r.sigma, r.noise.contiguous())
+    rates: dict[str, list[float]] = {"NCHW": [], "NHWC": []}
+    for _ in range(3):
+        for name, rnd in (("NCHW", nchw), ("NHWC", r)):
+            rates[name].append(cfg.batch / _step_seconds(net, rnd, warmup=1, iters=iters))
+    nchw_rate, nhwc_rate = (statistics.median(rates[k]) for k in ("NCHW", "NHWC"))
+    return [("demo teacher forward+backward images/s, batch 64, NCHW", f"{nchw_rate:.3g}", ""),
+            ("same, channels-last (NHWC, as train_loop feeds it)", f"{nhwc_rate:.3g}", ""),
+            ("NHWC / NCHW", f"{nhwc_rate / nchw_rate:.2f}x", "> 1 on CPUs")]
 
 
 def _bare_rate(s: TrainSetting) -> float:
@@ -158,7 +178,7 @@ def gpu_rows(batch: int, peak_tflops: float, compile_too: bool = False, presets:
 
 def run(a: argparse.Namespace) -> None:
     torch.set_num_threads(os.cpu_count() or 1)  # bare and loop run in this process on the same threads
-    rows = []
+    rows = _layout_rows()
     with tempfile.TemporaryDirectory() as tmp:
         for s in (CI, XS):
             bare, loop = _bare_rate(s), _loop_rate(s, f"{tmp}/{s.preset}")
