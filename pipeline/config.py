@@ -271,8 +271,8 @@ class DistillConfig:
     fake_updates_per_gen: int = 1  # 1 = DMD; 5 = DMD2's two time-scale rule
     gan_g_weight: float = 3e-3  # dmd2: weight of G's GAN loss (DMD2, ImageNet)
     gan_d_weight: float = 1e-2  # dmd2: weight of the head's GAN loss beside the fake score's denoising loss
-    # dmd2: > 0 replaces gan_g_weight by the weight, each step, that gives G's GAN gradient (at G's output)
-    # this multiple of the DM gradient's norm (DMD2's authors: 1, then a search around it)
+    # dmd2, instead of gan_g_weight (set it to 0): G's GAN weight chosen each step to make its gradient at
+    # G's output this multiple of the DM gradient's norm there (DMD2's authors: 1, then a search around it)
     gan_balance: float = 0.0
     student_steps: int = 1  # dmd2: 2 or 4 for DMD2's multi-step student (trained with backward simulation)
     # The student's first noise level: G(z) = D_G(s z, s), and its steps' Karras schedule starts there.
@@ -312,6 +312,9 @@ class DistillConfig:
                              "(DMD's regression pairs are one-step)")
         if self.gan_balance < 0:
             raise ValueError(f"distill.gan_balance = {self.gan_balance}: must be >= 0 (0: a fixed gan_g_weight)")
+        if self.gan_balance and self.gan_g_weight:
+            raise ValueError(f"distill.gan_balance = {self.gan_balance} sets G's GAN weight each step, but "
+                             f"distill.gan_g_weight = {self.gan_g_weight} asks for a fixed one: set one of them to 0")
         if not 0 <= self.adam_beta1 < 1:
             raise ValueError(f"distill.adam_beta1 = {self.adam_beta1}: must be in [0, 1)")
         if not self.sigma_init > 0.002:

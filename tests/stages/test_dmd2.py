@@ -46,6 +46,8 @@ def test_dmd2_distills_on_real_images_and_the_pairs_stage_makes_none(tmp_path):
     (["distill.method=dmd2", "distill.lambda_reg=0"], "distill.method=dmd2 uses no regression pairs: set pairs.num_pairs=0"),
     (["pairs.num_pairs=0"], "distill.method=dmd regresses onto pairs"),
     (["distill.method=gan"], "distill.method"),
+    (["distill.method=dmd2", "distill.lambda_reg=0", "pairs.num_pairs=0", "distill.gan_balance=0.3"],
+     "distill.gan_g_weight = 0.003 asks for a fixed one: set one of them to 0"),
 ])
 def test_inconsistent_dmd2_settings_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -185,7 +187,7 @@ def test_on_a_gaussian_the_gan_term_moves_g_from_the_teachers_bias_toward_the_re
 def test_gs_dmd2_step_follows_the_gradient_of_l_dm_plus_the_weighted_gan_loss():
     """The step combines the two losses' gradients at G's output and backpropagates their sum through G:
     with plain SGD the parameters move by -lr x the gradient of L_DM + w L_GAN taken the textbook way."""
-    for distill in ({"gan_g_weight": 0.3}, {"gan_balance": 0.5}):
+    for distill in ({"gan_g_weight": 0.3}, {"gan_g_weight": 0.0, "gan_balance": 0.5}):
         args, nets = _gaussian_setup(torch.optim.SGD, adam_beta1=0.0, weight_decay=0.0, **distill)
         nets.fake.score.mean.data.fill_(0.3)  # a fake score that has learned something: L_DM has a gradient
         x_of = lambda: nets.generator(torch.randn(64, 2, 4, 4, generator=torch.Generator().manual_seed(1)))
