@@ -250,7 +250,7 @@ def generator_update_dmd2(nets: Nets, gen_model: torch.nn.Module, args: DistillA
         _, logits = nets.fake(x + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x), sigma, labels, return_logits=True)
         loss_gan = generator_loss(logits)
     grad_dm, = torch.autograd.grad(loss_dm, x, retain_graph=True)
-    grad_gan, = torch.autograd.grad(loss_gan, x, retain_graph=True)
+    grad_gan, = torch.autograd.grad(loss_gan, x)  # stops at x: G's graph stays for the backward below
     weight = balanced_gan_weight(grad_dm, grad_gan, cfg.gan_balance) if cfg.gan_balance else cfg.gan_g_weight
     surrogate = (x * (grad_dm + weight * grad_gan)).sum()  # its gradient at x is that of L_DM + w L_GAN
     norm, finite = _g_step(nets, surrogate, args)
