@@ -291,6 +291,9 @@ class DistillConfig:
     val_every_nimg: int = 3000 * 336  # a multiple of log_nimg; 0: no validation (then keep: last)
     val_images: int = 5000
     keep: str = "best"  # best: the student of the validation with the lowest fd_probe | last: the last step's
+    # The student is a power-function EMA of G's weights (EDM2's, at this sigma_rel; 0: G's own weights):
+    # validation scores it, keep chooses among its validations, and it is what distill commits
+    ema_sigma_rel: float = 0.0
     early_stop_ratio: float = 2.0  # a collapse: validation fd_probe above this x its best ...
     early_stop_patience: int = 3  # ... for this many validations in a row stops the run, keeping the best (0: never)
     val_batch: int = throughput(64)  # validation images per forward and rank
@@ -353,6 +356,9 @@ class DistillConfig:
                              "turns validation off: set distill.val_every_nimg, or distill.keep=last")
         if self.early_stop_ratio <= 1:
             raise ValueError(f"distill.early_stop_ratio = {self.early_stop_ratio}: must be > 1 (x the best fd_probe)")
+        if not 0 <= self.ema_sigma_rel < 0.2887:
+            raise ValueError(f"distill.ema_sigma_rel = {self.ema_sigma_rel}: must be in [0, 0.2887), the range of "
+                             "power-function EMAs (0: no EMA, the student is G's own weights)")
 
 
 @dataclass(frozen=True)

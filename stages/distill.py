@@ -17,6 +17,8 @@ images and at the end, `val_images` one-step samples from fixed validation seeds
 probe (fd_probe, class accuracy) into the metrics rows. `keep: best` commits the student of the best
 validation (`validation.json` and the manifest say which); fd_probe above `early_stop_ratio` x its
 best for `early_stop_patience` validations in a row is a collapse: the run stops there and keeps the best.
+With `ema_sigma_rel` > 0 the student is a power-function EMA of G's weights: validation scores it and
+distill commits it.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from pipeline.diffusion.dmd import (OneStepGenerator, distribution_matching_loss
 from pipeline.diffusion.gan import (DiscriminatorHead, ScoreWithHead, balanced_gan_weight, bottleneck_channels,
                                     discriminator_loss, generator_loss)
 from pipeline.diffusion.loss import edm2_error, sample_sigma
+from pipeline.diffusion.phema import PowerFunctionEMA
 from pipeline.executor import DDPJob, TrainSession
 from pipeline.metrics.probe import ProbeFeatures
 from pipeline.metrics.validation import Reference, Watch, score
@@ -85,6 +88,16 @@ class Nets:
     guide: Denoiser | None
     opt_g: torch.optim.Optimizer
     opt_f: torch.optim.Optimizer
+    ema: PowerFunctionEMA | None = None  # G's EMA (ema_sigma_rel), the student when there is one
+
+    def student(self) -> Denoiser:
+        """What validation scores and distill commits: G's denoiser, or a copy holding its EMA's weights."""
+        net = self.generator.denoiser
+        if self.ema is None:
+            return net
+        ema_net = copy.deepcopy(net)
+        ema_net.load_state_dict(self.ema.ema_state(self.ema.sigma_rels[0]), strict=False)  # its float state
+        return ema_net
 
 
 def _adamw(params: Any, lr: float, cfg: DistillConfig) -> torch.optim.Optimizer:
@@ -101,8 +114,9 @@ def build_nets(args: DistillArgs, device: torch.device) -> Nets:
         fake = ScoreWithHead(fake, DiscriminatorHead(bottleneck_channels(real))).to(device).train()
     guide = load_guide(args.guide).to(device) if args.guide else None
     g_params = [p for p in generator.parameters() if p.requires_grad]
+    ema = PowerFunctionEMA(generator.denoiser, [args.cfg.ema_sigma_rel]) if args.cfg.ema_sigma_rel else None
     return Nets(generator, fake, real, guide, _adamw(g_params, args.cfg.lr, args.cfg),
-                _adamw(fake.parameters(), args.cfg.fake_lr, args.cfg))
+                _adamw(fake.parameters(), args.cfg.fake_lr, args.cfg), ema)
 
 
 def _step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list[torch.nn.Parameter],
@@ -277,6 +291,8 @@ def _restore(nets: Nets, watch: Watch, path: str) -> int:
     nets.fake.load_state_dict(state["fake"])
     nets.opt_g.load_state_dict(state["opt_g"])
     nets.opt_f.load_state_dict(state["opt_f"])
+    if nets.ema is not None:
+        nets.ema.load_state_dict(state["ema"])
     watch.load(state["watch"])
     return int(state["nimg"])
 
@@ -285,9 +301,10 @@ def _checkpoint(session: TrainSession, nets: Nets, watch: Watch, nimg: int) -> N
     with tempfile.TemporaryDirectory() as tmp:
         path = None
         if session.rank == 0:
+            ema = {"ema": nets.ema.state_dict()} if nets.ema is not None else {}
             path = save_state(tmp, {"generator": nets.generator.state_dict(), "fake": nets.fake.state_dict(),
                                     "opt_g": nets.opt_g.state_dict(), "opt_f": nets.opt_f.state_dict(),
-                                    "watch": watch.state(), "nimg": nimg})
+                                    "watch": watch.state(), "nimg": nimg, **ema})
         session.report({"nimg": nimg}, path)
 
 
@@ -323,10 +340,10 @@ def _validation_grid(net: Denoiser, sigmas: list[float], val: Validation, device
 
 def validate(session: TrainSession, args: DistillArgs, nets: Nets, val: Validation, watch: Watch, log: MetricsLog,
              nimg: int) -> dict[str, float]:
-    """Score the student (eval mode: no in-place weight renormalisation) on the validation seeds, record it
-    in `watch`; the log row's figures, and a grid of samples to the trackers. On a collapse, rank 0 says so
-    in one line."""
-    net, cfg = nets.generator.denoiser, args.cfg
+    """Score the student (G, or its EMA; in eval mode: no in-place weight renormalisation) on the validation
+    seeds, record it in `watch`; the log row's figures, and a grid of samples to the trackers. On a collapse,
+    rank 0 says so in one line."""
+    net, cfg = nets.student(), args.cfg
     sigmas = student_sigmas(cfg.student_steps, cfg.sigma_init)
     net.eval()
     start = time.perf_counter()
@@ -388,6 +405,8 @@ def _train_chunk(session: TrainSession, args: DistillArgs, nets: Nets, gen_model
             first = _row(session, sums[-1:], nimg, 0, 1.0)
             guard.start(loss_g=first["loss_g"], loss_fake=first["loss_fake"])
         nimg += cfg.batch
+        if nets.ema is not None:
+            nets.ema.update(nets.generator.denoiser, nimg, cfg.batch)
         guard.step(not sums[-1]["nonfinite_steps"], nimg)
         if nimg % cfg.log_nimg == 0 or nimg == chunk_end:
             row = _row(session, sums, nimg, len(sums) * cfg.batch, time.perf_counter() - tick)
@@ -423,7 +442,7 @@ def _save_student(args: DistillArgs, nets: Nets, watch: Watch) -> None:
     """The student (the best validation's weights with keep: best) and `validation.json`: the curve,
     the validation of the student kept, and why the run stopped early (if it did)."""
     best = args.cfg.keep == "best"
-    save_network(args.artifact, "student", nets.generator.denoiser, watch.best_weights if best else None)
+    save_network(args.artifact, "student", nets.student(), watch.best_weights if best else None)
     kept = watch.best if best else (watch.curve[-1] if watch.curve else None)
     args.artifact.write_json("validation.json", {"curve": watch.curve, "kept": kept, "stopped": watch.stopped})
 

@@ -16,6 +16,7 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.data.encoders import encoder_from_info
 from pipeline.diffusion.dmd import OneStepGenerator, seeded_student_sample, student_sigmas
+from pipeline.diffusion.phema import sigma_rel_to_gamma
 from pipeline.executor import InlineExecutor, InlineSession
 from pipeline.metrics.probe import ProbeFeatures
 from pipeline.metrics.validation import Reference, score
@@ -99,13 +100,14 @@ class KilledAfterFirstCheckpoint(InlineExecutor):
         train_fn(Dies(job), args)
 
 
-@pytest.mark.parametrize("method", ["dmd with validation", "dmd2"])
+@pytest.mark.parametrize("method", ["dmd with validation", "dmd2", "dmd with validation and ema"])
 def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, tmp_path, method):
     students, validations = {}, {}
     for name, executor in (("whole", InlineExecutor()), ("killed", KilledAfterFirstCheckpoint())):
         shutil.copytree(pairs_store, tmp_path / name)
         # dmd2: the head and its real-image stream resume too; validation: the best student and the curve
         extra = DMD2 if method == "dmd2" else [*VALIDATION, "distill.early_stop_patience=0"]
+        extra += ["distill.ema_sigma_rel=0.1"] if method.endswith("ema") else []
         cfg = _cfg(str(tmp_path / name), "distill.duration_nimg=128", *extra)  # checkpoints at 64 and 128
         if name == "killed":
             with pytest.raises(KeyboardInterrupt):
@@ -266,3 +268,35 @@ def test_a_run_the_divergence_guard_stops_commits_its_best_validated_student_and
     validation = _artifact(cfg, "distill").manifest()["outputs"]["validation"]
     assert validation["stopped"].startswith("the divergence guard stopped it (distill diverged at")
     assert validation["kept"]["nimg"] < 96 and _rescore(cfg) == pytest.approx(validation["kept"]["fd_probe"], rel=1e-6)
+
+
+def test_the_student_is_gs_power_function_ema_and_validation_scores_it(storage):
+    # G's own weights after one and after two steps, then the same two steps with an EMA at sigma_rel 0.1:
+    # its student is beta theta_1 + (1 - beta) theta_2, beta = (1 - batch / nimg)^(gamma + 1) (papers.md)
+    thetas = []
+    for nimg in (8, 16):
+        cfg = _cfg(storage, f"distill.duration_nimg={nimg}", "distill.lr=0.01")
+        dag.run(cfg, until="distill", executor=InlineExecutor())
+        thetas.append(load_file(_artifact(cfg, "distill").path("student.safetensors")))
+    cfg = _cfg(storage, "distill.duration_nimg=16", "distill.lr=0.01", "distill.ema_sigma_rel=0.1")
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    student = load_file(_artifact(cfg, "distill").path("student.safetensors"))
+    beta = 0.5 ** (sigma_rel_to_gamma(0.1) + 1)
+    floats = [k for k, v in student.items() if v.is_floating_point()]
+    assert any(not torch.allclose(thetas[0][k], thetas[1][k]) for k in floats)  # G moved in its second step
+    for k in floats:
+        torch.testing.assert_close(student[k], beta * thetas[0][k] + (1 - beta) * thetas[1][k], rtol=1e-5, atol=1e-6)
+    # With validation, the EMA is what is scored and kept: other figures than G's, and the file's own
+    curves = {}
+    for ema in ("0", "0.1"):
+        cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=64", "distill.lr=0.01", f"distill.ema_sigma_rel={ema}")
+        dag.run(cfg, until="distill", executor=InlineExecutor())
+        validation = _artifact(cfg, "distill").manifest()["outputs"]["validation"]
+        curves[ema] = [p["fd_probe"] for p in validation["curve"]]
+    assert curves["0"][0] == curves["0.1"][0] and curves["0"][1:] != curves["0.1"][1:]  # the same start, then not
+    assert _rescore(cfg) == pytest.approx(validation["kept"]["fd_probe"], rel=1e-6)
+
+
+def test_an_ema_outside_the_power_functions_range_is_refused(storage):
+    with pytest.raises(ValueError, match=r"distill.ema_sigma_rel = 0.3: must be in \[0, 0.2887\)"):
+        _cfg(storage, "distill.ema_sigma_rel=0.3")

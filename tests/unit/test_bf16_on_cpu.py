@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 
 from pipeline import config as C
@@ -12,15 +13,23 @@ from pipeline.models.edm2 import build_denoiser
 from pipeline.training import CPU_BF16, mixed_precision
 
 
-def test_bf16_on_the_cpu_only_when_asked(monkeypatch):
+def test_bf16_on_the_cpu_where_it_has_amx_or_when_asked(monkeypatch):
     def product_dtype() -> torch.dtype:
         with mixed_precision(torch.device("cpu")):
             return (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
 
     monkeypatch.delenv(CPU_BF16, raising=False)
+    for amx, dtype in ((False, torch.float32), (True, torch.bfloat16)):
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx)
+        assert product_dtype() == dtype
+    monkeypatch.setenv(CPU_BF16, "0")  # fp32 on an AMX CPU
     assert product_dtype() == torch.float32
-    monkeypatch.setenv(CPU_BF16, "1")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setenv(CPU_BF16, "1")  # bf16 without one
     assert product_dtype() == torch.bfloat16
+    monkeypatch.setenv(CPU_BF16, "yes")
+    with pytest.raises(ValueError, match="ONESTEP_CPU_BF16='yes'.*1.*0"):
+        mixed_precision(torch.device("cpu"))
 
 
 def test_bf16_loss_and_gradients_match_fp32_on_the_cpu(monkeypatch):

@@ -10,10 +10,10 @@ from pipeline import dag
 KEYS = {
     "demo": {"encode": "319065ca302e3bb0", "probe": "2adf7474bc916042", "refstats": "9ff3c7cf8d20e5a1",
              "teacher": "6b13eae12d16f781", "phema": "a6dc8278695fde94", "pairs": "ef83152b84523649",
-             "distill": "10c4d7a085cb5123", "evaluate": "0d2d466f3db5158e"},
+             "distill": "4009305376894362", "evaluate": "804012d6b62963c4"},
     "ci": {"encode": "9803d7685336406c", "probe": "30590b34f7bb240b", "refstats": "72afa5dca41ddfeb",
            "teacher": "fc9faaadd1e2241a", "phema": "20ddd9a9fecc3108", "pairs": "4ae34971e715bc13",
-           "distill": "717115c220b0178b", "evaluate": "9d3c0c7e7ca56532"},
+           "distill": "2a989c543f4a6788", "evaluate": "64e690a2814c9245"},
 }
 
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from functools import partial
 
@@ -15,6 +16,7 @@ import torch
 from pipeline.data.encoders import encoder_from_info, lpips_decoder
 from pipeline.diffusion.dmd import distribution_matching_loss, fake_score_loss, load_lpips, lpips_regression_loss
 from pipeline.diffusion.loss import sample_sigma
+from pipeline.training import CPU_BF16
 from stages import distill as D
 
 from . import dmd2
@@ -63,6 +65,7 @@ def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs) -
 
 
 def run(a: argparse.Namespace) -> None:
+    os.environ[CPU_BF16] = "0"  # the step and its passes alone all in fp32, on any CPU
     if a.method == "dmd2":
         dmd2.run(a)
         return

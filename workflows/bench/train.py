@@ -27,7 +27,7 @@ from pipeline.data.shards import shard_name, write_shard
 from pipeline.diffusion.loss import edm2_loss, sample_sigma
 from pipeline.executor import DDPJob, InlineExecutor
 from pipeline.models.edm2 import Denoiser, build_denoiser
-from pipeline.training import gather_metrics
+from pipeline.training import CPU_BF16, cpu_has_bf16_units, gather_metrics
 from stages import teacher as T
 
 from .common import Row, median_seconds, table
@@ -94,20 +94,24 @@ def _step_seconds(net: Denoiser, r: T.Round, warmup: int, iters: int, bf16: bool
 
 def _layout_rows(iters: int = 10) -> list[Row]:
     """The demo teacher's forward+backward (batch 64) on the channels-last images train_loop feeds it,
-    against the same images in NCHW, interleaved rounds."""
+    against the same images in NCHW, and in bf16 autocast (the default on CPUs with AMX), interleaved."""
     cfg = C.load_config("demo").teacher
     torch.manual_seed(0)
     net = build_denoiser("demo", 16, 3, 10, **cfg.network_overrides()).train()
     r = _round(cfg.batch, 3, 16, 10, torch.device("cpu"))
     nchw = T.Round(r.y.contiguous(), r.labels, r.sigma, r.noise.contiguous())
-    rates: dict[str, list[float]] = {"NCHW": [], "NHWC": []}
+    runs = {"NCHW": (nchw, False), "NHWC": (r, False), "NHWC bf16": (r, True)}
+    rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(3):
-        for name, rnd in (("NCHW", nchw), ("NHWC", r)):
-            rates[name].append(cfg.batch / _step_seconds(net, rnd, warmup=1, iters=iters))
-    nchw_rate, nhwc_rate = (statistics.median(rates[k]) for k in ("NCHW", "NHWC"))
+        for name, (rnd, bf16) in runs.items():
+            rates[name].append(cfg.batch / _step_seconds(net, rnd, warmup=1, iters=iters, bf16=bf16))
+    nchw_rate, nhwc_rate, bf16_rate = (statistics.median(v) for v in rates.values())
+    amx = "this CPU has AMX" if cpu_has_bf16_units() else "this CPU has no AMX: bf16 is emulated"
     return [("demo teacher forward+backward images/s, batch 64, NCHW", f"{nchw_rate:.3g}", ""),
             ("same, channels-last (NHWC, as train_loop feeds it)", f"{nhwc_rate:.3g}", ""),
-            ("NHWC / NCHW", f"{nhwc_rate / nchw_rate:.2f}x", "> 1 on CPUs")]
+            ("NHWC / NCHW", f"{nhwc_rate / nchw_rate:.2f}x", "> 1 on CPUs"),
+            ("same, NHWC in bf16 autocast", f"{bf16_rate:.3g}", ""),
+            (f"bf16 / fp32, NHWC ({amx})", f"{bf16_rate / nhwc_rate:.2f}x", "> 1 with AMX")]
 
 
 def _bare_rate(s: TrainSetting) -> float:
@@ -179,6 +183,7 @@ def gpu_rows(batch: int, peak_tflops: float, compile_too: bool = False, presets:
 def run(a: argparse.Namespace) -> None:
     torch.set_num_threads(os.cpu_count() or 1)  # bare and loop run in this process on the same threads
     rows = _layout_rows()
+    os.environ[CPU_BF16] = "0"  # the loop in fp32, as the bare passes below, on any CPU
     with tempfile.TemporaryDirectory() as tmp:
         for s in (CI, XS):
             bare, loop = _bare_rate(s), _loop_rate(s, f"{tmp}/{s.preset}")
