@@ -146,7 +146,7 @@ CPU_BF16 = "ONESTEP_CPU_BF16"  # 1 or 0: bf16 autocast on CPUs or not; unset: wh
 
 def cpu_has_bf16_units() -> bool:
     """Whether this CPU multiplies bf16 in hardware tiles (Intel AMX, Sapphire Rapids and later): there
-    oneDNN's bf16 convolutions run ~1.7x fp32's (the demo teacher's forward+backward); elsewhere bf16 is
+    oneDNN's bf16 convolutions run 1.4-1.7x fp32's (the demo teacher's forward+backward); elsewhere bf16 is
     emulated and slower than fp32."""
     probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
     return bool(probe is not None and probe())
