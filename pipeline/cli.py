@@ -69,7 +69,7 @@ def parser() -> argparse.ArgumentParser:
     _add_config_args(verify)
     sample = sub.add_parser("sample", help="draw images from the student or a teacher variant of a run")
     _add_config_args(sample)
-    sample.add_argument("--model", default="student", help="student | teacher[:SIGMA_REL] (default sigma_rel: pairs.sigma_rel)")
+    sample.add_argument("--model", default="student", help="student | teacher[:SIGMA_REL] (default: the variant distilled, as the pairs stage chose it)")
     sample.add_argument("--steps", type=int, default=None, help="Heun steps for a teacher (default: eval.num_steps)")
     sample.add_argument("--num", type=int, default=16, help="how many images (seeds A, A+1, ...)")
     sample.add_argument("--seeds", default=None, metavar="A-B", help="seed range, inclusive (overrides --num)")

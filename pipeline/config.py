@@ -229,7 +229,11 @@ class PhemaConfig:
 class PairsConfig:
     """DMD's regression pairs: (noise, teacher output) from the multi-step sampler."""
 
-    sigma_rel: float = 0.1  # the phema variant used as the teacher (one of phema.sigma_rels)
+    # fixed: the teacher is the phema variant at sigma_rel | best: every phema variant samples `select_images`
+    # validation seeds with this stage's sampler, scored by the probe; the lowest fd_probe is the teacher
+    select: str = "fixed"
+    sigma_rel: float = 0.1  # select: fixed's variant (one of phema.sigma_rels)
+    select_images: int = 256
     num_pairs: int = 25000  # DMD used 25,000 for ImageNet-64; 0 for distill.method=dmd2, which uses none
     num_steps: int = 256  # Heun steps (DMD used 256)
     guidance: float = 1.0  # w != 1 needs `guide`
@@ -244,7 +248,9 @@ class PairsConfig:
     spread: bool = throughput(False)  # spread the tasks over the nodes (Ray SPREAD strategy)
 
     def __post_init__(self) -> None:
-        _check_positive("pairs", num_steps=self.num_steps, pairs_per_shard=self.pairs_per_shard, batch=self.batch)
+        _check_positive("pairs", num_steps=self.num_steps, pairs_per_shard=self.pairs_per_shard, batch=self.batch,
+                        select_images=self.select_images)
+        _check_choice("pairs", "select", self.select, ("fixed", "best"))
         if self.num_pairs < 0:
             raise ValueError(f"pairs.num_pairs = {self.num_pairs}: must be >= 0 (0: no pairs, for distill.method=dmd2)")
         if self.guidance != 1.0 and not self.guide:
@@ -460,11 +466,17 @@ class Config:
                              f"{self.distill.lambda_reg}) but pairs.num_pairs = 0: set pairs.num_pairs, "
                              "or distill.lambda_reg=0")
         self._check_pair_seeds()
-        if self.distill.val_every_nimg and not self.probe.enabled:
-            raise ValueError("distill validation scores samples with the probe, but probe.enabled = false: set "
-                             "distill.val_every_nimg=0 distill.keep=last (no validation), or enable the probe")
+        self._check_probe_users()
         _check_positive("config", max_in_flight=self.max_in_flight, lease_timeout_s=self.lease_timeout_s)
 
+
+    def _check_probe_users(self) -> None:
+        users = {"distill validation (off: distill.val_every_nimg=0 distill.keep=last)": self.distill.val_every_nimg,
+                 "pairs.select=best (off: pairs.select=fixed and a pairs.sigma_rel)": self.pairs.select == "best"}
+        on = [name for name, used in users.items() if used]
+        if on and not self.probe.enabled:
+            raise ValueError(f"probe.enabled = false, but {' and '.join(on)} score samples with the probe: turn "
+                             f"{'it' if len(on) == 1 else 'them'} off, or enable the probe")
 
     def _check_pair_seeds(self) -> None:
         """The pairs' noise must not be evaluate's or validation's: a student scored on the noise it was

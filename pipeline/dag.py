@@ -48,9 +48,17 @@ class Node:
     version: str
     section: str = ""  # its config section, if not named like the stage
     piecewise: bool = False  # its run makes only the pieces not yet committed (see pipeline/integrity.py)
+    # {stage: (field, value)}: an upstream only when the stage's section has field == value
+    upstream_if: dict[str, tuple[str, Any]] = field(default_factory=dict)
 
     def config(self, cfg: C.Config) -> Any:
         return getattr(cfg, self.section or self.name)
+
+    def inputs(self, cfg: C.Config) -> tuple[str, ...]:
+        """The upstream stages this config reads (and whose keys are in this stage's key)."""
+        section = self.config(cfg)
+        return tuple(u for u in self.upstream
+                     if u not in self.upstream_if or getattr(section, self.upstream_if[u][0]) == self.upstream_if[u][1])
 
     def run(self, ctx: StageContext, section: Any, inputs: dict[str, store.Artifact]) -> dict[str, Any]:
         module = importlib.import_module(self.module) if isinstance(self.module, str) else self.module
@@ -74,9 +82,9 @@ def _constants(module_name: str, names: tuple[str, ...], optional: tuple[str, ..
 def graph() -> dict[str, Node]:
     nodes = {}
     for name, (module_name, section) in STAGE_MODULES.items():
-        consts = _constants(module_name, ("VERSION", "UPSTREAM"), optional=("PIECEWISE",))
+        consts = _constants(module_name, ("VERSION", "UPSTREAM"), optional=("PIECEWISE", "UPSTREAM_IF"))
         nodes[name] = Node(name, module_name, tuple(consts["UPSTREAM"]), str(consts["VERSION"]), section,
-                           bool(consts.get("PIECEWISE", False)))
+                           bool(consts.get("PIECEWISE", False)), dict(consts.get("UPSTREAM_IF", {})))
     return nodes
 
 
@@ -108,13 +116,13 @@ def stage_key(node: Node, cfg: C.Config, upstream_keys: dict[str, str]) -> str:
 def cache_keys(nodes: dict[str, Node], cfg: C.Config) -> dict[str, str]:
     keys: dict[str, str] = {}
     for node in nodes.values():
-        keys[node.name] = stage_key(node, cfg, {u: keys[u] for u in node.upstream})
+        keys[node.name] = stage_key(node, cfg, {u: keys[u] for u in node.inputs(cfg)})
     return keys
 
 
-def closure(nodes: dict[str, Node], start: set[str], downstream: bool) -> set[str]:
-    """`start` plus every stage upstream (or downstream) of it."""
-    edges = {n: set(nodes[n].upstream) for n in nodes}
+def closure(nodes: dict[str, Node], start: set[str], downstream: bool, cfg: C.Config | None = None) -> set[str]:
+    """`start` plus every stage upstream (or downstream) of it: of it under `cfg`, or under any config."""
+    edges = {n: set(nodes[n].inputs(cfg) if cfg else nodes[n].upstream) for n in nodes}
     if downstream:
         edges = {n: {m for m in nodes if n in nodes[m].upstream} for n in nodes}
     seen, todo = set(), list(start)
@@ -156,14 +164,14 @@ def make_plan(nodes: dict[str, Node], cfg: C.Config, st: store.Store, only: list
     if only:
         selected = set(only)
     elif until:
-        selected = closure(nodes, {until}, downstream=False)
+        selected = closure(nodes, {until}, downstream=False, cfg=cfg)
     else:
         selected = set(nodes)
-    forced = closure(nodes, set(force), downstream=True) if force else set()
+    forced = closure(nodes, set(force), downstream=True, cfg=cfg) if force else set()
     order = [n for n in nodes if n in selected]
     to_run = [n for n in order if n in forced or states[n] != "done"]
     for n in to_run:
-        for u in nodes[n].upstream:
+        for u in nodes[n].inputs(cfg):
             if u not in selected and states[u] != "done":
                 raise ValueError(
                     f"stage {n} needs the {u} artifact (key {keys[u]}), which is not in storage "
@@ -194,7 +202,7 @@ def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], 
               runs: tracking.DagRun | None = None) -> dict[str, Any]:
     """Run one stage and commit its artifact; with `runs`, inside its tracking runs (a child of the DAG's)."""
     artifact = st.artifact(node.name, keys[node.name])
-    upstream = {u: keys[u] for u in node.upstream}
+    upstream = {u: keys[u] for u in node.inputs(cfg)}
     stage_run = runs.stage(node.name, keys[node.name], upstream, node.config(cfg), artifact.url) if runs else None
     manifest = None
     try:
@@ -209,7 +217,7 @@ def _run_and_commit(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, 
                     before_commit: Callable[[], None], stage_run: tracking.StageRun | None) -> dict[str, Any]:
     artifact = st.artifact(node.name, keys[node.name])
     section = node.config(cfg)
-    inputs = {u: st.artifact(u, keys[u]) for u in node.upstream}
+    inputs = {u: st.artifact(u, keys[u]) for u in node.inputs(cfg)}
     for upstream in inputs.values():
         upstream.check_sizes()  # one listing each: a missing or cut file stops here, naming the fix
     ctx = StageContext(artifact, executor, cfg.seed, tracking=stage_run)
@@ -229,7 +237,7 @@ def _run_and_commit(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, 
         "preset": cfg.preset,
         "config": C.to_dict(section),
         "seed": cfg.seed,
-        "upstream": {u: keys[u] for u in node.upstream},
+        "upstream": {u: keys[u] for u in node.inputs(cfg)},
         "outputs": outputs,
         "wall_time_s": round(time.time() - start, 3),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

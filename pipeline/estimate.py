@@ -119,10 +119,13 @@ def costs(cfg: C.Config) -> list[Cost]:
         out.append(Cost("phema", f"{variants} variant(s)", variants * net_bytes, 0.0))
 
     guided = 2 if pa.guidance != 1.0 else 1
-    pair_evals = pa.num_pairs * (2 * pa.num_steps - 1) * guided
+    variants = 1 if t.source == "edm2-release" else len(ph.sigma_rels)
+    chosen = variants * pa.select_images if pa.select == "best" and variants > 1 else 0  # the teacher's choice
+    pair_evals = (pa.num_pairs + chosen) * (2 * pa.num_steps - 1) * guided
     out.append(Cost("pairs", f"{_n(pa.num_pairs)} pairs x {2 * pa.num_steps - 1} evaluations"
-                    + (" x 2 (guided)" if guided == 2 else ""), pa.num_pairs * 2 * image_bytes * FLOAT32,
-                    rates.seconds(denoiser=pair_evals), pair_evals))
+                    + (" x 2 (guided)" if guided == 2 else "")
+                    + (f", and {variants} variants x {_n(pa.select_images)} to choose the teacher" if chosen else ""),
+                    pa.num_pairs * 2 * image_bytes * FLOAT32, rates.seconds(denoiser=pair_evals, decode=chosen), pair_evals))
 
     steps = d.duration_nimg // d.batch
     real = 2 if d.guidance != 1.0 else 1
@@ -136,7 +139,6 @@ def costs(cfg: C.Config) -> list[Cost]:
                     2 * net_bytes * 6 + net_bytes, rates.seconds(denoiser=steps * per_step, decode=decode),
                     steps * per_step))
 
-    variants = 1 if t.source == "edm2-release" else len(ph.sigma_rels)
     evals = variants * ev.num_images * (2 * ev.num_steps - 1) + ev.num_images
     out.append(Cost("evaluate", f"{variants} teacher variant(s) x {_n(ev.num_images)} images x "
                     f"{2 * ev.num_steps - 1} evaluations, and the student's", 0.0,

@@ -6,11 +6,15 @@ Training, evaluation and the EDM2 importer all read and write through here; noth
 
 from __future__ import annotations
 
+import io
+
+import numpy as np
 import safetensors.torch
 import torch
 
 from pipeline import store
 from pipeline.metrics.probe import ProbeNet
+from pipeline.metrics.validation import Reference
 from pipeline.models.edm2 import Denoiser, build_denoiser
 
 
@@ -47,3 +51,9 @@ def load_probe(artifact: store.Artifact) -> ProbeNet:
     net = ProbeNet(**artifact.read_json("probe.json"))
     net.load_state_dict(read_weights(artifact.path("probe.safetensors")))
     return net.eval().requires_grad_(False)
+
+
+def load_reference(artifact: store.Artifact) -> Reference:
+    """The probe's statistics of the training images, that fd_probe is measured against."""
+    ref = np.load(io.BytesIO(artifact.read_bytes("reference.npz")))
+    return Reference(ref["mu"], ref["sigma"])

@@ -24,7 +24,6 @@ distill commits it.
 from __future__ import annotations
 
 import copy
-import io
 import sys
 import tempfile
 import time
@@ -56,7 +55,7 @@ from pipeline.seeds import mix_seed, validation_seeds
 from pipeline.tracking import StageRun
 from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_state,
                                mixed_precision, save_state, train_guarded, zero_nonfinite_grads_)
-from pipeline.weights import load_network, load_probe, save_network
+from pipeline.weights import load_network, load_probe, load_reference, save_network
 
 VERSION = "5"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G; 4: dmd2; 5: validation
 UPSTREAM = ("encode", "probe", "teacher", "phema", "pairs")
@@ -321,9 +320,8 @@ class Validation:
 def _validation(args: DistillArgs, session: TrainSession, encoder: Any) -> Validation | None:
     if args.probe is None:
         return None
-    ref = np.load(io.BytesIO(args.probe.read_bytes("reference.npz")))
     seeds = validation_seeds(args.cfg.val_images)[session.rank::session.world_size]
-    return Validation(ProbeFeatures(load_probe(args.probe), str(session.device)), Reference(ref["mu"], ref["sigma"]),
+    return Validation(ProbeFeatures(load_probe(args.probe), str(session.device)), load_reference(args.probe),
                       encoder.decode, seeds)
 
 

@@ -339,7 +339,11 @@ def student_note(distill: Artifact) -> str:
     how = {"best": f"the best of its {len(validation.get('curve', []))} validations by fd_probe on validation seeds, "
                    "not these", "last": "its last step"}[student.get("keep", "last")]
     stopped = f" The run stopped early: {validation['stopped']}." if validation.get("stopped") else ""
-    return f"The student is distill's generator after {student.get('nimg', duration):,} of {duration:,} images ({how}).{stopped}"
+    teacher = manifest["outputs"]["teacher"]
+    source = f" Its teacher is the phema variant sigma_rel {teacher['sigma_rel']:g}" + (
+        f", chosen by {teacher['chosen_by']}." if "chosen_by" in teacher else ".")
+    return (f"The student is distill's generator after {student.get('nimg', duration):,} of {duration:,} images "
+            f"({how}).{stopped}{source}")
 
 
 def _models(cfg: EvalConfig, inputs: dict[str, Artifact], real: bool) -> list[Model]:
@@ -416,7 +420,9 @@ def sample_model(cfg: Any, which: str, seeds: list[int], steps: int | None,
         if model.artifact.manifest() is not None:
             model = student_model(model.artifact)
     elif kind == "teacher":
-        sigma_rel = float(sigma) if sigma else cfg.pairs.sigma_rel
+        pairs = st.artifact("pairs", keys["pairs"]).manifest()
+        sigma_rel = (float(sigma) if sigma else pairs["outputs"]["teacher"]["sigma_rel"] if pairs
+                     else cfg.pairs.sigma_rel)
         model = Model("teacher", st.artifact("phema", keys["phema"]), f"phema-{sigma_rel:.4f}.safetensors",
                       sigma_rel, steps or cfg.eval.num_steps)
     else:

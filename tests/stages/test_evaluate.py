@@ -53,6 +53,8 @@ def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
     assert "real (held-out)" in html and "<table>" in html and "dinov2: not computed" in md
     kept = _artifact(cfg, "distill").manifest()["outputs"]["student"]["nimg"]
     assert f"The student is distill's generator after {kept:,} of 16 images (the best of its 2 validations" in md
+    teacher = _artifact(cfg, "pairs").manifest()["outputs"]["teacher"]
+    assert f"Its teacher is the phema variant sigma_rel {teacher['sigma_rel']:g}, chosen by {teacher['chosen_by']}." in md
     for png in ("plots/metric-fd_inception.png", "plots/teacher-loss.png", "plots/distill-loss_reg.png"):
         assert Image.open(art.path(png)).size[0] > 300 and f"src='{png}'" in html
     # One class per row (classes 0, 3, 6, 9), 3 samples each, then a gap and the real images beside.
@@ -73,10 +75,10 @@ def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
     assert whole["correct"] / whole["labelled"] == rows[0]["class_accuracy"]
 
     # Without the probe: no real row, no probe metrics, no validation in distill; the teacher is not retrained.
-    off = replace(cfg, probe=replace(cfg.probe, enabled=False),
+    off = replace(cfg, probe=replace(cfg.probe, enabled=False), pairs=replace(cfg.pairs, select="fixed"),
                   distill=replace(cfg.distill, val_every_nimg=0, keep="last"))
     plan = dag.run(off, until="evaluate", executor=InlineExecutor())
-    assert plan.to_run == ["probe", "distill", "evaluate"]
+    assert plan.to_run == ["probe", "pairs", "distill", "evaluate"]
     rows = _artifact(off, "evaluate").manifest()["outputs"]["models"]
     assert [r["model"] for r in rows] == ["teacher", "teacher", "student"]
     assert all(r["fd_probe"] is None and r["fd_inception"] > 0 for r in rows)

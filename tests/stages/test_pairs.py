@@ -1,4 +1,5 @@
-"""The pairs stage on a tiny ci teacher: determinism across task counts, resume, bad input."""
+"""The pairs stage on a tiny ci teacher: determinism across task counts, resume, bad input, the teacher
+variant chosen on validation."""
 
 from pathlib import Path
 import shutil
@@ -8,9 +9,14 @@ import pytest
 
 from pipeline import config as C
 from pipeline import dag, store
+from pipeline.data.encoders import encoder_from_info
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import InlineExecutor, RayExecutor
-from pipeline.weights import load_network
+from pipeline.metrics.fid import frechet_distance
+from pipeline.metrics.probe import ProbeFeatures
+from pipeline.seeds import validation_seeds
+from pipeline.weights import load_network, load_probe, load_reference
+import stages.pairs
 from stages.pairs import read_pairs
 
 from helpers import PAIRS_TINY
@@ -28,6 +34,7 @@ def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
 def phema_store(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("pairs") / "store"
     dag.run(_cfg(str(root)), until="phema", executor=InlineExecutor())
+    dag.run(_cfg(str(root)), until="probe", executor=InlineExecutor())
     return root
 
 
@@ -96,3 +103,46 @@ def test_guided_pairs_use_the_guide_network(storage):
     g, p = _all_pairs(cfg), _all_pairs(plain)
     np.testing.assert_array_equal(g[0], p[0])  # same noise
     assert not np.allclose(g[1], p[1])  # different targets
+
+
+def _variant_figures(cfg: C.Config, sigma_rel: float) -> tuple[float, float]:
+    """fd_probe and class accuracy of a variant's samples of the validation seeds, computed here."""
+    net = load_network(_artifact(cfg, "phema"), "network", f"phema-{sigma_rel:.4f}.safetensors")
+    z, labels = seeded_noise(validation_seeds(cfg.pairs.select_images), (3, 16, 16), net.num_classes, "cpu")
+    decode = encoder_from_info(_artifact(cfg, "encode").manifest()["outputs"]["encoder"]).decode
+    features, predicted = ProbeFeatures(load_probe(_artifact(cfg, "probe")), "cpu").embed(
+        decode(edm_sampler(net, z, labels, num_steps=cfg.pairs.num_steps)))
+    ref = load_reference(_artifact(cfg, "probe"))
+    fd = frechet_distance(features.mean(0), np.cov(features.astype(np.float64), rowvar=False), ref.mu, ref.sigma)
+    return fd, float((predicted == labels.numpy()).mean())
+
+
+def test_select_best_scores_every_variant_on_validation_seeds_and_distils_the_lowest(storage):
+    cfg = _cfg(storage, "pairs.select=best", "pairs.select_images=20")
+    dag.run(cfg, until="pairs", executor=InlineExecutor())
+    out = _artifact(cfg, "pairs").manifest()["outputs"]
+    assert [s["sigma_rel"] for s in out["selection"]] == [0.05, 0.1]
+    for s in out["selection"]:
+        fd, accuracy = _variant_figures(cfg, s["sigma_rel"])
+        assert s["count"] == 20 and s["class_accuracy"] == pytest.approx(accuracy)
+        assert s["fd_probe"] == pytest.approx(fd, rel=1e-3)
+    best = min(out["selection"], key=lambda s: s["fd_probe"])["sigma_rel"]
+    assert out["teacher"]["sigma_rel"] == best
+    fixed = _cfg(storage, f"pairs.sigma_rel={best}")  # the pairs are the chosen variant's
+    dag.run(fixed, until="pairs", executor=InlineExecutor())
+    for x, y in zip(_all_pairs(cfg), _all_pairs(fixed)):
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("fd, chosen", [({0.05: 3.0, 0.1: 1.0}, 0.1), ({0.05: 1.0, 0.1: 3.0}, 0.05)])
+def test_select_best_takes_the_lowest_fd_probe_whatever_sigma_rel_says(storage, monkeypatch, fd, chosen):
+    def scored(job, probe, encoder, variant):
+        return {"sigma_rel": variant["sigma_rel"], "fd_probe": fd[variant["sigma_rel"]], "class_accuracy": 0.5,
+                "count": 1}
+
+    monkeypatch.setattr(stages.pairs, "score_variant", scored)
+    cfg = _cfg(storage, "pairs.select=best", "pairs.sigma_rel=0.05", "pairs.num_pairs=2")
+    dag.run(cfg, until="pairs", executor=InlineExecutor())
+    teacher = _artifact(cfg, "pairs").manifest()["outputs"]["teacher"]
+    assert teacher == {"sigma_rel": chosen, "file": f"phema-{chosen:.4f}.safetensors",
+                       "chosen_by": "the lowest validation fd_probe of the variants"}

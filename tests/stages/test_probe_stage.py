@@ -103,7 +103,7 @@ def test_a_dataset_of_one_class_is_refused_before_any_task(tmp_path):
     with pytest.raises(ValueError, match="1 class.*needs labels of at least 2 classes.*probe.enabled=false"):
         dag.run(cfg, until="probe", executor=executor)
     assert executor.calls == before and _artifact(cfg, "probe").state() == "missing"
-    off = C.load_config("ci", ["encode.num_classes=1", "encode.num_images=50", "probe.enabled=false",
+    off = C.load_config("ci", ["encode.num_classes=1", "encode.num_images=50", "probe.enabled=false", "pairs.select=fixed",
                                  "distill.val_every_nimg=0", "distill.keep=last"], storage=str(tmp_path))
     dag.run(off, until="probe", executor=executor)
     assert _artifact(off, "probe").manifest()["outputs"] == {"enabled": False}

@@ -55,7 +55,7 @@ def test_teacher_and_distill_train_in_bf16_on_the_cpu(tmp_path, monkeypatch):
     cfg = C.load_config("ci", ["executor=inline", "teacher.duration_nimg=128", "teacher.snapshot_nimg=64",
                                "teacher.checkpoint_nimg=128", "teacher.log_nimg=64", "pairs.num_pairs=32",
                                "pairs.num_steps=4", "distill.duration_nimg=32", "distill.checkpoint_nimg=32",
-                               "distill.log_nimg=16", "probe.enabled=false", "distill.val_every_nimg=0", "distill.keep=last", "refstats.inception_weights=random"],
+                               "distill.log_nimg=16", "probe.enabled=false", "pairs.select=fixed", "distill.val_every_nimg=0", "distill.keep=last", "refstats.inception_weights=random"],
                         storage=str(tmp_path))
     dag.run(cfg, until="distill", executor=InlineExecutor())
     keys, st = dag.cache_keys(dag.graph(), cfg), store.Store(str(tmp_path))

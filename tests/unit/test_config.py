@@ -51,7 +51,11 @@ def test_values_are_validated():
     (["distill.keep=first"], r"distill.keep = 'first': expected one of best, last"),
     (["distill.early_stop_ratio=0.9"], r"early_stop_ratio = 0.9: must be > 1"),
     (["distill.val_images=0"], r"distill.val_images = 0: must be > 0"),
-    (["probe.enabled=false"], r"validation scores samples with the probe.*distill.val_every_nimg=0 distill.keep=last"),
+    (["probe.enabled=false"], r"probe.enabled = false, but distill validation \(off: distill.val_every_nimg=0 "
+                              r"distill.keep=last\) and pairs.select=best \(off: pairs.select=fixed"),
+    (["probe.enabled=false", "distill.val_every_nimg=0", "distill.keep=last"], r"but pairs.select=best .* score"),
+    (["pairs.select=worst"], r"pairs.select = 'worst': expected one of fixed, best"),
+    (["pairs.select_images=0"], r"pairs.select_images = 0: must be > 0"),
 ])
 def test_validation_settings_are_checked(settings, message):
     with pytest.raises(ValueError, match=message):

@@ -140,3 +140,27 @@ def test_every_stage_is_checked_against_the_cluster_before_the_first_starts(sett
     with pytest.raises(ValueError, match=message):
         dag.run(cfg, executor=InlineExecutor())
     assert store.walk_files(cfg.storage) == []  # not even encode ran
+
+def test_a_conditional_upstream_is_read_and_keyed_only_when_its_condition_holds(env):
+    calls: list[str] = []
+    nodes = _nodes(calls)
+    nodes["c"] = dag.Node("c", nodes["c"].module, ("a", "b"), "1", upstream_if={"b": ("value", 2)})
+    without, with_b = env.cfg, FakeConfig(env.cfg.storage, c=Section(value=2))
+    plan = dag.run(without, until="c", executor=InlineExecutor(), nodes=nodes)
+    assert calls == ["a", "c"] and plan.selected == ["a", "c"]  # b is neither made nor read
+    manifest = store.Store(without.storage).artifact("c", plan.keys["c"]).manifest()
+    assert manifest["upstream"] == {"a": plan.keys["a"]} and manifest["outputs"] == {"total": 2}
+    other_b = FakeConfig(env.cfg.storage, b=Section(value=7))
+    assert dag.cache_keys(nodes, other_b)["c"] == plan.keys["c"]  # b's settings do not reach c's key
+    plan = dag.run(with_b, until="c", executor=InlineExecutor(), nodes=nodes)
+    assert calls == ["a", "c", "b", "c"] and plan.keys["c"] != dag.cache_keys(nodes, without)["c"]
+    assert store.Store(with_b.storage).artifact("c", plan.keys["c"]).manifest()["outputs"] == {"total": 5}  # 2 + a 1 + b 2
+
+
+def test_pairs_reads_the_probe_only_to_choose_its_teacher():
+    nodes = dag.graph()
+    fixed = C.load_config("ci", ["pairs.select=fixed"])
+    assert nodes["pairs"].inputs(fixed) == ("phema",)
+    assert nodes["pairs"].inputs(C.load_config("ci", ["pairs.select=best"])) == ("encode", "probe", "phema")
+    other_probe = C.load_config("ci", ["pairs.select=fixed", "probe.epochs=9"])
+    assert dag.cache_keys(nodes, other_probe)["pairs"] == dag.cache_keys(nodes, fixed)["pairs"]

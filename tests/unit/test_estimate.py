@@ -30,8 +30,11 @@ def test_each_stage_costs_what_its_settings_say():
     snapshots = 2048 * MI // (8 * MI) * 2
     assert c["teacher"].storage_bytes == snapshots * params * 4 + 2 * params * 4 * 5 + params * 4
 
+    chosen = _costs("edm2-img512-s", "pairs.select=best", "pairs.select_images=1000")["pairs"]
+    assert chosen.denoiser_evals == (25000 + 6 * 1000) * 511  # six variants sample 1,000 images each
     guided = _costs("edm2-release-img512-s")  # guidance 1.4: the guide's evaluation too
     assert guided["pairs"].denoiser_evals == 2 * 25000 * 511
+    assert _costs("edm2-release-img512-s", "pairs.select=best")["pairs"].denoiser_evals == 2 * 25000 * 511  # one variant
     assert guided["teacher"].gpu_s == 0 and guided["phema"].storage_bytes == params * 4
     steps = 25599840 // 336
     dmd2 = _costs("edm2-img64-s", "distill.fake_updates_per_gen=5")["distill"].denoiser_evals
