@@ -475,8 +475,9 @@ class Config:
                  "pairs.select=best (off: pairs.select=fixed and a pairs.sigma_rel)": self.pairs.select == "best"}
         on = [name for name, used in users.items() if used]
         if on and not self.probe.enabled:
-            raise ValueError(f"probe.enabled = false, but {' and '.join(on)} score samples with the probe: turn "
-                             f"{'it' if len(on) == 1 else 'them'} off, or enable the probe")
+            one = len(on) == 1
+            raise ValueError(f"probe.enabled = false, but {' and '.join(on)} {'needs' if one else 'need'} the probe: "
+                             f"turn {'it' if one else 'them'} off, or enable the probe")
 
     def _check_pair_seeds(self) -> None:
         """The pairs' noise must not be evaluate's or validation's: a student scored on the noise it was

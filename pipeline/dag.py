@@ -122,9 +122,8 @@ def cache_keys(nodes: dict[str, Node], cfg: C.Config) -> dict[str, str]:
 
 def closure(nodes: dict[str, Node], start: set[str], downstream: bool, cfg: C.Config | None = None) -> set[str]:
     """`start` plus every stage upstream (or downstream) of it: of it under `cfg`, or under any config."""
-    edges = {n: set(nodes[n].inputs(cfg) if cfg else nodes[n].upstream) for n in nodes}
-    if downstream:
-        edges = {n: {m for m in nodes if n in nodes[m].upstream} for n in nodes}
+    up = {n: set(nodes[n].inputs(cfg) if cfg else nodes[n].upstream) for n in nodes}
+    edges = {n: {m for m in nodes if n in up[m]} for n in nodes} if downstream else up
     seen, todo = set(), list(start)
     while todo:
         n = todo.pop()

@@ -53,7 +53,7 @@ def test_values_are_validated():
     (["distill.val_images=0"], r"distill.val_images = 0: must be > 0"),
     (["probe.enabled=false"], r"probe.enabled = false, but distill validation \(off: distill.val_every_nimg=0 "
                               r"distill.keep=last\) and pairs.select=best \(off: pairs.select=fixed"),
-    (["probe.enabled=false", "distill.val_every_nimg=0", "distill.keep=last"], r"but pairs.select=best .* score"),
+    (["probe.enabled=false", "distill.val_every_nimg=0", "distill.keep=last"], r"but pairs.select=best .* needs the probe: turn it off"),
     (["pairs.select=worst"], r"pairs.select = 'worst': expected one of fixed, best"),
     (["pairs.select_images=0"], r"pairs.select_images = 0: must be > 0"),
 ])

@@ -164,3 +164,5 @@ def test_pairs_reads_the_probe_only_to_choose_its_teacher():
     assert nodes["pairs"].inputs(C.load_config("ci", ["pairs.select=best"])) == ("encode", "probe", "phema")
     other_probe = C.load_config("ci", ["pairs.select=fixed", "probe.epochs=9"])
     assert dag.cache_keys(nodes, other_probe)["pairs"] == dag.cache_keys(nodes, fixed)["pairs"]
+    assert "pairs" not in dag.closure(nodes, {"probe"}, downstream=True, cfg=fixed)  # --force probe keeps the pairs
+    assert "pairs" in dag.closure(nodes, {"probe"}, downstream=True, cfg=C.load_config("ci", ["pairs.select=best"]))
