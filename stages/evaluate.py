@@ -196,7 +196,8 @@ def evaluate_range(job: EvalJob, item: tuple[int, int, int]) -> dict[str, Any]:
     return {"model": index, **tally.result(), "grid": grid, "real": real, "seconds": time.perf_counter() - begin}
 
 
-def _teacher_models(phema: Artifact, num_steps: int) -> list[Model]:
+def teacher_models(phema: Artifact, num_steps: int) -> list[Model]:
+    """A row per phema variant, by sigma_rel, each sampled with `num_steps` Heun steps."""
     variants = phema.manifest()["outputs"]["variants"]
     return [Model("teacher", phema, v["file"], v["sigma_rel"], num_steps)
             for v in sorted(variants, key=lambda v: v["sigma_rel"])]
@@ -227,7 +228,8 @@ def _npz(artifact: Artifact, name: str) -> dict[str, np.ndarray]:
     return dict(np.load(io.BytesIO(artifact.read_bytes(name))))
 
 
-def _references(probe: Artifact | None, refstats: Artifact, networks: dict[str, Any]) -> References:
+def references(probe: Artifact | None, refstats: Artifact, networks: dict[str, Any]) -> References:
+    """The probe's reference statistics (none without a probe) and those of each refstats network."""
     ref = _npz(probe, "reference.npz") if probe else {}
     stats = {}
     for name, info in networks.items():
@@ -347,7 +349,7 @@ def student_note(distill: Artifact) -> str:
 
 
 def _models(cfg: EvalConfig, inputs: dict[str, Artifact], real: bool) -> list[Model]:
-    models = [*_teacher_models(inputs["phema"], cfg.num_steps), student_model(inputs["distill"])]
+    models = [*teacher_models(inputs["phema"], cfg.num_steps), student_model(inputs["distill"])]
     return models + ([Model("real", None, "", None, 0)] if real else [])
 
 
@@ -388,7 +390,7 @@ def run(ctx: StageContext, cfg: EvalConfig, inputs: dict[str, Artifact]) -> dict
     items = _items(counts, cfg.images_per_task)
     ctx.log.info("evaluate: %d models x %d images in %d tasks", len(models), cfg.num_images, len(items))
     results = ctx.map(partial(evaluate_range, job), items, resources, desc="evaluate")
-    refs = _references(probe, inputs["refstats"], refstats["networks"])
+    refs = references(probe, inputs["refstats"], refstats["networks"])
     rows = [score(m, [r for r in results if r["model"] == i], refs) for i, m in enumerate(models)]
     _write_grids(ctx.artifact, job, rows, results)
     metric = "fd_inception" if "inception" in networks and not refstats["networks"]["inception"]["random"] else (

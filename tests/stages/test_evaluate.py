@@ -1,7 +1,9 @@
 """The evaluate stage on a tiny ci run: the probe's metrics, FID with a random-weight Inception saved to a
 file and loaded by path, the real row, per-class grids, and task sums that reduce to one pass."""
 
+import importlib.util
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 from helpers import save_random_inception
@@ -22,6 +24,15 @@ TINY = ["encode.num_images=80", "encode.shard_size=40", "teacher.channels=16", "
         "distill.log_nimg=8", "distill.lpips_size=32", "refstats.num_images=16", "probe.holdout=0.5",
         "eval.num_images=12", "eval.images_per_task=5", "eval.num_steps=3", "eval.grid_rows=4", "eval.grid_columns=3",
         "eval.batch=4"]
+
+
+def _seedsets():
+    """workflows/seedsets.py, a script beside the package, loaded from its file."""
+    path = Path(__file__).resolve().parents[2] / "workflows" / "seedsets.py"
+    spec = importlib.util.spec_from_file_location("seedsets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
@@ -73,6 +84,20 @@ def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
     fd = frechet_distance(stats.mean(), stats.cov(), ref["mu"], ref["sigma"])
     assert np.isclose(fd, rows[0]["fd_inception"], rtol=1e-4), (fd, rows[0]["fd_inception"])
     assert whole["correct"] / whole["labelled"] == rows[0]["class_accuracy"]
+
+    # workflows/seedsets.py: its first seed set is evaluate's own, figure for figure; the second, other seeds.
+    seedsets = _seedsets()
+    sets = seedsets.measure(cfg, 2)
+    assert [r["label"] for r in sets] == [r["label"] for r in rows[:3]]
+    for got, want in zip(sets, rows):
+        first, second = got["sets"]
+        assert first["class_accuracy"] == want["class_accuracy"] and first["count"] == second["count"] == 12
+        for metric in ("fd_probe", "precision", "recall"):
+            assert np.isclose(first[metric], want[metric], rtol=1e-6), (got["label"], metric, first[metric], want[metric])
+        assert second["fd_probe"] != first["fd_probe"]
+    means = {r["label"]: np.mean([s["fd_probe"] for s in r["sets"]]) for r in sets}
+    best = min(means[r["label"]] for r in sets[:2])
+    assert f"mean fd_probe: {means[sets[2]['label']] / best:.2f}x" in seedsets.table(sets)
 
     # Without the probe: no real row, no probe metrics, no validation in distill; the teacher is not retrained.
     off = replace(cfg, probe=replace(cfg.probe, enabled=False), pairs=replace(cfg.pairs, select="fixed"),
