@@ -35,7 +35,7 @@ def _artifacts(cfg: C.Config) -> dict[str, store.Artifact]:
     for stage in ("encode", "probe", "refstats", "phema", "distill"):
         artifact = st.artifact(stage, keys[stage])
         if artifact.state() != "done":
-            raise SystemExit(f"{stage} {keys[stage]} is not in {cfg.storage}: run the config's DAG first "
+            raise SystemExit(f"{stage} {keys[stage]} is not in {store.redact(cfg.storage)}: run the config's DAG first "
                              f"(workflows/full.py with the same --config and --set)")
         found[stage] = artifact
     return found
