@@ -59,6 +59,7 @@ from pipeline.weights import load_network, load_probe, load_reference, save_netw
 
 VERSION = "5"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G; 4: dmd2; 5: validation
 UPSTREAM = ("encode", "probe", "teacher", "phema", "pairs")
+HELD_CLASSES = 0.8  # a student whose validation class accuracy is under this x its teacher's has lost classes
 
 
 @dataclass(frozen=True)
@@ -499,7 +500,7 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
     metrics = ctx.ddp(train_loop, args, job)
     rows = gather_metrics(ctx.artifact)
     check_diverged(metrics, "distill")
-    validation = _report_validation(ctx, cfg)
+    validation = _report_validation(ctx, cfg, pairs)
     kept = validation["kept"] or {}
     return {
         "student": {"file": "student.safetensors", "config": "student.json", "nfe": cfg.student_steps,
@@ -512,8 +513,23 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
     }
 
 
-def _report_validation(ctx: StageContext, cfg: DistillConfig) -> dict[str, Any]:
-    """validation.json for the manifest, and one log line on the student kept (and on an early stop)."""
+def against_teacher(kept: dict[str, Any] | None, pairs: dict[str, Any]) -> dict[str, Any] | None:
+    """The kept student's validation figures beside its teacher's on the same seeds: pairs' choice of
+    variant (`select: best`) scored every variant on the first validation seeds. None when it did not,
+    or scored another number of them (a Fréchet distance's bias moves with the count)."""
+    chosen = pairs["outputs"]["teacher"]["sigma_rel"]
+    teacher = next((s for s in pairs["outputs"].get("selection", []) if s["sigma_rel"] == chosen), None)
+    if not kept or teacher is None or teacher["count"] != kept["count"]:
+        return None
+    student_acc, teacher_acc = kept.get("class_accuracy"), teacher.get("class_accuracy")
+    held = None if student_acc is None or not teacher_acc else student_acc / teacher_acc
+    return {"teacher": {**teacher, "num_steps": pairs["config"]["num_steps"]},
+            "fd_probe_ratio": kept["fd_probe"] / teacher["fd_probe"], "class_accuracy_ratio": held}
+
+
+def _report_validation(ctx: StageContext, cfg: DistillConfig, pairs: dict[str, Any]) -> dict[str, Any]:
+    """validation.json for the manifest, and log lines on the student kept, on an early stop, and on a
+    student that lost its classes (class accuracy under HELD_CLASSES x its teacher's on the same seeds)."""
     validation = ctx.artifact.read_json("validation.json")
     kept, stopped = validation["kept"], validation["stopped"]
     if stopped:
@@ -522,4 +538,17 @@ def _report_validation(ctx: StageContext, cfg: DistillConfig) -> dict[str, Any]:
         accuracy = "" if kept.get("class_accuracy") is None else f", class accuracy {kept['class_accuracy']:.1%}"
         ctx.log.info("distill: the student is the one of %d images (keep: %s): validation fd_probe %.4g%s over %d "
                      "images", kept["nimg"], cfg.keep, kept["fd_probe"], accuracy, kept["count"])
-    return {**validation, "images": cfg.val_images if cfg.val_every_nimg else 0, "every_nimg": cfg.val_every_nimg}
+    versus = against_teacher(kept, pairs)
+    if versus:
+        teacher = versus["teacher"]
+        accuracy = "" if teacher.get("class_accuracy") is None else f", class accuracy {teacher['class_accuracy']:.1%}"
+        ctx.log.info("distill: its teacher (sigma_rel %g, %d Heun steps) on the same seeds: fd_probe %.4g%s; the "
+                     "student's fd_probe is %.2fx", teacher["sigma_rel"], teacher["num_steps"], teacher["fd_probe"],
+                     accuracy, versus["fd_probe_ratio"])
+        if versus["class_accuracy_ratio"] is not None and versus["class_accuracy_ratio"] < HELD_CLASSES:
+            ctx.log.warning("distill: the student has lost its classes: class accuracy %.1f%% on validation against "
+                            "its teacher's %.1f%% on the same seeds. Try a lower distill.lr, or compare settings "
+                            "with `onestep sweep` (docs/stages.md)", 100 * kept["class_accuracy"],
+                            100 * teacher["class_accuracy"])
+    return {**validation, "images": cfg.val_images if cfg.val_every_nimg else 0, "every_nimg": cfg.val_every_nimg,
+            "against_teacher": versus}

@@ -300,3 +300,37 @@ def test_the_student_is_gs_power_function_ema_and_validation_scores_it(storage):
 def test_an_ema_outside_the_power_functions_range_is_refused(storage):
     with pytest.raises(ValueError, match=r"distill.ema_sigma_rel = 0.3: must be in \[0, 0.2887\)"):
         _cfg(storage, "distill.ema_sigma_rel=0.3")
+
+
+def _pairs_manifest(chosen: float, selection: list[dict]) -> dict:
+    return {"config": {"num_steps": 16}, "outputs": {"teacher": {"sigma_rel": chosen}, "selection": selection}}
+
+
+def test_the_student_is_set_beside_the_teacher_pairs_chose_on_the_same_seeds_and_count():
+    from stages.distill import against_teacher
+    selection = [{"sigma_rel": 0.05, "fd_probe": 20.0, "class_accuracy": 0.9, "count": 256},
+                 {"sigma_rel": 0.1, "fd_probe": 15.0, "class_accuracy": 0.8, "count": 256}]
+    kept = {"nimg": 960, "fd_probe": 30.0, "class_accuracy": 0.4, "count": 256}
+    versus = against_teacher(kept, _pairs_manifest(0.1, selection))
+    assert versus["teacher"] == {**selection[1], "num_steps": 16}  # the variant distilled, not the other one
+    assert versus["fd_probe_ratio"] == pytest.approx(2.0) and versus["class_accuracy_ratio"] == pytest.approx(0.5)
+    assert against_teacher({**kept, "count": 128}, _pairs_manifest(0.1, selection)) is None  # other seeds' count
+    assert against_teacher(kept, _pairs_manifest(0.1, [])) is None  # pairs.select: fixed scored no variant
+    assert against_teacher(None, _pairs_manifest(0.1, selection)) is None  # no validation
+    unconditional = against_teacher({**kept, "class_accuracy": None}, _pairs_manifest(0.1, selection))
+    assert unconditional["class_accuracy_ratio"] is None and unconditional["fd_probe_ratio"] == pytest.approx(2.0)
+
+
+def test_a_student_that_lost_its_classes_says_so_against_its_teachers_figures_on_the_same_seeds(storage, monkeypatch,
+                                                                                                caplog):
+    _sabotage_g_after(monkeypatch, 0)  # every step wrecks G: the student kept (the last) draws colour noise
+    cfg = _cfg(storage, *VALIDATION, "distill.val_images=32", "distill.duration_nimg=32", "distill.keep=last",
+               "distill.early_stop_patience=0", *NO_GUARD)
+    dag.run(cfg, until="distill", executor=InlineExecutor())
+    pairs = _artifact(cfg, "pairs").manifest()["outputs"]
+    versus = _artifact(cfg, "distill").manifest()["outputs"]["validation"]["against_teacher"]
+    teacher = next(s for s in pairs["selection"] if s["sigma_rel"] == pairs["teacher"]["sigma_rel"])
+    assert versus["teacher"]["fd_probe"] == teacher["fd_probe"] and versus["teacher"]["count"] == 32
+    kept = _artifact(cfg, "distill").manifest()["outputs"]["validation"]["kept"]
+    assert versus["fd_probe_ratio"] == pytest.approx(kept["fd_probe"] / teacher["fd_probe"]) > 2
+    assert versus["class_accuracy_ratio"] < 0.8 and "distill: the student has lost its classes" in caplog.text
