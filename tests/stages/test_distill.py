@@ -321,16 +321,40 @@ def test_the_student_is_set_beside_the_teacher_pairs_chose_on_the_same_seeds_and
     assert unconditional["class_accuracy_ratio"] is None and unconditional["fd_probe_ratio"] == pytest.approx(2.0)
 
 
-def test_a_student_that_lost_its_classes_says_so_against_its_teachers_figures_on_the_same_seeds(storage, monkeypatch,
-                                                                                                caplog):
+def _reported(kept: dict, selection: list[dict], caplog) -> dict:
+    """What distill's report makes of a validation.json with `kept`, beside pairs' `selection`."""
+    import logging
+    from types import SimpleNamespace
+    from stages.distill import _report_validation
+    validation = {"curve": [kept], "kept": kept, "stopped": ""}
+    ctx = SimpleNamespace(artifact=SimpleNamespace(read_json=lambda name: validation), log=logging.getLogger("onestep"))
+    with caplog.at_level(logging.INFO, logger="onestep"):
+        return _report_validation(ctx, C.DistillConfig(val_images=256), _pairs_manifest(0.1, selection))
+
+
+def test_a_student_that_lost_its_classes_says_so_and_one_that_held_them_does_not(caplog):
+    teacher = {"sigma_rel": 0.1, "fd_probe": 15.0, "class_accuracy": 0.9, "count": 256}
+    held = _reported({"nimg": 960, "fd_probe": 18.0, "class_accuracy": 0.75, "count": 256}, [teacher], caplog)
+    assert held["against_teacher"]["fd_probe_ratio"] == pytest.approx(1.2)
+    assert "on the same seeds: fd_probe 15, class accuracy 90.0%" in caplog.text and "lost its classes" not in caplog.text
+    lost = _reported({"nimg": 960, "fd_probe": 18.0, "class_accuracy": 0.7, "count": 256}, [teacher], caplog)
+    assert lost["against_teacher"]["class_accuracy_ratio"] < 0.8
+    assert "the student has lost its classes: class accuracy 70.0% on validation against its teacher's 90.0%" in caplog.text
+
+
+def test_distill_records_its_student_beside_the_teacher_figures_pairs_measured(storage, monkeypatch):
     _sabotage_g_after(monkeypatch, 0)  # every step wrecks G: the student kept (the last) draws colour noise
     cfg = _cfg(storage, *VALIDATION, "distill.val_images=32", "distill.duration_nimg=32", "distill.keep=last",
                "distill.early_stop_patience=0", *NO_GUARD)
     dag.run(cfg, until="distill", executor=InlineExecutor())
     pairs = _artifact(cfg, "pairs").manifest()["outputs"]
-    versus = _artifact(cfg, "distill").manifest()["outputs"]["validation"]["against_teacher"]
+    validation = _artifact(cfg, "distill").manifest()["outputs"]["validation"]
+    versus, kept = validation["against_teacher"], validation["kept"]
     teacher = next(s for s in pairs["selection"] if s["sigma_rel"] == pairs["teacher"]["sigma_rel"])
-    assert versus["teacher"]["fd_probe"] == teacher["fd_probe"] and versus["teacher"]["count"] == 32
-    kept = _artifact(cfg, "distill").manifest()["outputs"]["validation"]["kept"]
-    assert versus["fd_probe_ratio"] == pytest.approx(kept["fd_probe"] / teacher["fd_probe"]) > 2
-    assert versus["class_accuracy_ratio"] < 0.8 and "distill: the student has lost its classes" in caplog.text
+    assert versus["teacher"]["fd_probe"] == teacher["fd_probe"] and versus["teacher"]["count"] == kept["count"] == 32
+    assert versus["fd_probe_ratio"] == pytest.approx(kept["fd_probe"] / teacher["fd_probe"])
+    assert versus["fd_probe_ratio"] > 1.5  # the wreck is far from its teacher
+    assert versus["class_accuracy_ratio"] == pytest.approx(kept["class_accuracy"] / teacher["class_accuracy"])
+    unmatched = _cfg(storage, *VALIDATION, "distill.duration_nimg=32")  # 24 validation images against pairs' 32
+    dag.run(unmatched, until="distill", executor=InlineExecutor())
+    assert _artifact(unmatched, "distill").manifest()["outputs"]["validation"]["against_teacher"] is None
