@@ -1,4 +1,5 @@
-"""The shard reader's samples/s with and without checksum verification, and `onestep verify`'s MB/s.
+"""The shard reader's samples/s with and without checksum verification, `onestep verify`'s MB/s, and a
+training reader's samples/s with the shards it has parsed kept against parsed on every draw.
 
     python workflows/bench.py integrity
     python workflows/bench.py integrity --shards 2 --per-shard 50 --iters 1   # quick
@@ -38,6 +39,19 @@ def _reader_pass(urls: list[str], batch: int, checked: bool) -> float:
     return count / (time.perf_counter() - start)
 
 
+def _resampled_pass(urls: list[str], batch: int, samples: int, keep: int) -> float:
+    """Samples/s of a training reader (shards drawn at random) over `samples`, keeping up to `keep`
+    bytes of parsed shards (0: every draw parsed from its tar)."""
+    default, shards_module.RESAMPLED_KEEP_BYTES = shards_module.RESAMPLED_KEEP_BYTES, keep
+    try:
+        start = time.perf_counter()
+        read = reader(urls, batch, shuffle_buffer=1000, seed=1, resampled=True, num_batches=samples // batch)
+        count = sum(len(labels) for _, labels in read)
+        return count / (time.perf_counter() - start)
+    finally:
+        shards_module.RESAMPLED_KEEP_BYTES = default
+
+
 def run(a: argparse.Namespace) -> None:
     """The shards of a committed artifact (so their checksums are in its manifest), read with and without
     verification, alternating passes; then `onestep verify`'s checker alone. A thread reads and checks the
@@ -58,6 +72,12 @@ def run(a: argparse.Namespace) -> None:
             for checked in (False, True):
                 rates[checked].append(_reader_pass(urls, a.batch, checked))
         plain, checked = statistics.median(rates[False]), statistics.median(rates[True])
+        passes, keep = 4 * a.shards * a.per_shard, shards_module.RESAMPLED_KEEP_BYTES
+        kept = {0: [], keep: []}
+        for _ in range(a.iters):
+            for budget in kept:
+                kept[budget].append(_resampled_pass(urls, a.batch, passes, budget))
+        parsed, kept_rate = statistics.median(kept[0]), statistics.median(kept[keep])
         items = [(u, u.rsplit("/", 1)[1], os.path.getsize(u), None) for u in urls]
         start = time.perf_counter()
         integrity._check_files(items)
@@ -67,4 +87,7 @@ def run(a: argparse.Namespace) -> None:
         ("same, each shard checked (read whole, checksum) before use", f"{checked:,.0f}", ""),
         ("checksum cost, share of the reader's samples/s", f"{(plain - checked) / plain:+.1%}", "<= 2%"),
         ("`onestep verify` checker, one task, MB/s (page cache)", f"{verify_rate:,.0f}", ""),
+        ("training reader (shards drawn at random), 4 passes, every draw parsed, samples/s", f"{parsed:,.0f}", ""),
+        (f"same, parsed shards kept (up to {keep >> 20} MiB, the default)", f"{kept_rate:,.0f}", ""),
+        ("kept / parsed", f"{kept_rate / parsed:.2f}x", "> 1"),
     ])
