@@ -72,11 +72,11 @@ def run(a: argparse.Namespace) -> None:
             for checked in (False, True):
                 rates[checked].append(_reader_pass(urls, a.batch, checked))
         plain, checked = statistics.median(rates[False]), statistics.median(rates[True])
-        passes, keep = 4 * a.shards * a.per_shard, shards_module.RESAMPLED_KEEP_BYTES
+        samples, keep = 4 * a.shards * a.per_shard, shards_module.RESAMPLED_KEEP_BYTES
         kept = {0: [], keep: []}
         for _ in range(a.iters):
             for budget in kept:
-                kept[budget].append(_resampled_pass(urls, a.batch, passes, budget))
+                kept[budget].append(_resampled_pass(urls, a.batch, samples, budget))
         parsed, kept_rate = statistics.median(kept[0]), statistics.median(kept[keep])
         items = [(u, u.rsplit("/", 1)[1], os.path.getsize(u), None) for u in urls]
         start = time.perf_counter()
