@@ -22,7 +22,7 @@ from pipeline import store
 from pipeline.config import EncodeConfig
 from pipeline.data.preprocess import decode_image, preprocess
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 _SYNSET = re.compile(r"n\d{8}")
 _SYNSET_TAR = re.compile(r"n\d{8}\.tar")
 T = TypeVar("T")
@@ -224,7 +224,7 @@ def _take(per_class: Iterator[list[T]], limit: int, seed: int) -> tuple[list[T],
 
 
 class ImageFolderSource(_ListedSource):
-    """`root/<class>/**/*.{jpg,jpeg,png,webp}`; classes are the sorted folder names."""
+    """`root/<class>/**/*.{jpg,jpeg,png,webp,bmp,tif,tiff,gif}` (any case); classes are the sorted folder names."""
 
     def __init__(self, url: str, resolution: int, limit: int = 0, seed: int = 0) -> None:
         root = store.normalize_url(url)

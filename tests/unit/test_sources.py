@@ -167,6 +167,19 @@ def test_imagefolder_mixed_modes_and_a_corrupt_file(tmp_path: Path) -> None:
     assert set(limited.relpaths) <= set(ids) and np.bincount(limited.labels).tolist() == [5, 3]  # 7 cats, 4 dogs
 
 
+def test_imagefolder_reads_bmp_tiff_and_gif(tmp_path: Path) -> None:
+    """Folders exported by other tools: BMP, TIFF (both spellings) and GIF (a palette image) load as RGB."""
+    files = {"a/x.bmp": ("BMP", "RGB"), "a/y.TIF": ("TIFF", "L"), "b/z.tiff": ("TIFF", "RGB"), "b/w.gif": ("GIF", "P")}
+    for i, (rel, (fmt, mode)) in enumerate(files.items()):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(image_bytes(i, (20, 24), fmt, mode))
+    src = ImageFolderSource(str(tmp_path), 16)
+    assert sorted(src.relpaths) == sorted(files) and src.class_names == ["a", "b"]
+    for image, label, source_id in _load_all(src):
+        assert image.shape == (16, 16, 3) and image.dtype == np.uint8 and image.std() > 0
+        assert label == (0 if source_id.startswith("a/") else 1)
+
+
 def test_imagefolder_on_memory_filesystem_matches_local(tmp_path: Path) -> None:
     root = make_image_folder(tmp_path / "ds", {"a": 3, "b": 2})
     for path in root.rglob("*"):
