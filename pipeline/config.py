@@ -277,6 +277,9 @@ class DistillConfig:
     fake_updates_per_gen: int = 1  # 1 = DMD; 5 = DMD2's two time-scale rule
     gan_g_weight: float = 3e-3  # dmd2: weight of G's GAN loss (DMD2, ImageNet)
     gan_d_weight: float = 1e-2  # dmd2: weight of the head's GAN loss beside the fake score's denoising loss
+    # dmd2: what the discriminator head reads of the fake score: its UNet's bottleneck (DMD2) | every
+    # encoder level's output (a multi-level head, as ADD's and LADD's: it sees the fine detail too)
+    gan_head: str = "bottleneck"
     # dmd2, instead of gan_g_weight (set it to 0): G's GAN weight chosen each step to make its gradient at
     # G's output this multiple of the DM gradient's norm there (DMD2's authors: 1, then a search around it)
     gan_balance: float = 0.0
@@ -314,6 +317,7 @@ class DistillConfig:
     def __post_init__(self) -> None:
         _check_choice("distill", "lpips_net", self.lpips_net, ("vgg", "alex", "squeeze"))
         _check_choice("distill", "method", self.method, ("dmd", "dmd2"))
+        _check_choice("distill", "gan_head", self.gan_head, ("bottleneck", "encoder"))
         if self.student_steps not in (1, 2, 4):
             raise ValueError(f"distill.student_steps = {self.student_steps}: choose 1, 2 or 4")
         if self.student_steps > 1 and self.method != "dmd2":

@@ -7,10 +7,11 @@ initialised from the teacher variant that made the pairs; the real score is that
 the fake score is a trainable copy trained on G's detached outputs with the teacher's own loss.
 Each generator step combines the distribution-matching loss on a fresh batch with `lambda_reg` x
 LPIPS regression on a separate batch of pairs (papers.md, DMD). `fake_updates_per_gen` > 1 is
-DMD2's two time-scale rule. `method: dmd2` replaces the regression by DMD2's GAN term: a discriminator head on
-the fake score's bottleneck features (pipeline/diffusion/gan.py), trained with the fake score on
-real images (the encode shards) and G's, noised at the same sigma; G adds `gan_g_weight` x its
-non-saturating GAN loss. Checkpoints, resume and failures work as in the teacher stage.
+DMD2's two time-scale rule. `method: dmd2` replaces the regression by DMD2's GAN term: a discriminator
+head on the fake score's bottleneck features (`gan_head: encoder`: every encoder level's;
+pipeline/diffusion/gan.py), trained with the fake score on real images (the encode shards) and G's,
+noised at the same sigma; G adds `gan_g_weight` x its non-saturating GAN loss. Checkpoints, resume and
+failures work as in the teacher stage.
 
 Validation (pipeline/metrics/validation.py) watches the student: at the start, every `val_every_nimg`
 images and at the end, `val_images` one-step samples from fixed validation seeds are scored with the
@@ -41,8 +42,8 @@ from pipeline.data.encoders import encoder_from_info, lpips_decoder
 from pipeline.data.shards import reader
 from pipeline.diffusion.dmd import (OneStepGenerator, distribution_matching_loss, fake_score_loss, load_lpips,
                                     lpips_regression_loss, sample_dm_sigma, seeded_student_sample, student_sigmas)
-from pipeline.diffusion.gan import (DiscriminatorHead, ScoreWithHead, balanced_gan_weight, bottleneck_channels,
-                                    discriminator_loss, generator_loss)
+from pipeline.diffusion.gan import (DiscriminatorHead, ScoreWithHead, balanced_gan_weight, discriminator_loss,
+                                    generator_loss, head_channels)
 from pipeline.diffusion.loss import edm2_error, sample_sigma
 from pipeline.diffusion.phema import PowerFunctionEMA
 from pipeline.executor import DDPJob, TrainSession
@@ -111,7 +112,7 @@ def build_nets(args: DistillArgs, device: torch.device) -> Nets:
     fake = copy.deepcopy(real).requires_grad_(True).train()
     if args.cfg.method == "dmd2":
         torch.manual_seed(args.seed)  # the head's initial weights
-        fake = ScoreWithHead(fake, DiscriminatorHead(bottleneck_channels(real))).to(device).train()
+        fake = ScoreWithHead(fake, DiscriminatorHead(head_channels(real, args.cfg.gan_head))).to(device).train()
     guide = load_guide(args.guide).to(device) if args.guide else None
     g_params = [p for p in generator.parameters() if p.requires_grad]
     ema = PowerFunctionEMA(generator.denoiser, [args.cfg.ema_sigma_rel]) if args.cfg.ema_sigma_rel else None

@@ -1,12 +1,14 @@
-"""DMD2's GAN term: a discriminator head on the fake score's bottleneck features (papers.md, DMD2).
+"""DMD2's GAN term: a discriminator head on the fake score's encoder features (papers.md, DMD2).
 
-The head reads the fake score's UNet bottleneck (the encoder's output at its lowest resolution) for
-images noised at a sigma, and gives one logit per image: real (encode shards) or generated. Losses
-are the non-saturating ones: the head (with the fake score, on the fake-score side) minimises
+The head reads the fake score's UNet bottleneck (the encoder's output at its lowest resolution; DMD2's
+head) or every encoder output (`distill.gan_head: encoder`) for images noised at a sigma, and gives one
+logit per image: real (encode shards) or generated. Losses are the non-saturating ones: the head (with the fake score, on the fake-score side) minimises
 softplus(-D(real)) + softplus(D(fake)); G minimises softplus(-D(G(z))).
 """
 
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -14,20 +16,28 @@ from torch import nn
 
 
 class DiscriminatorHead(nn.Module):
-    """Bottleneck features [B, C, h, w] -> one logit per image [B]: two convolutions, a mean over
-    space, a linear layer."""
+    """The fake score's encoder features -> one logit per image [B]. One branch per feature map it reads
+    (two convolutions, a mean over space), their outputs concatenated, a linear layer. Built with the
+    channels of the last len(channels) encoder outputs it reads: [the bottleneck's] is DMD2's head; every
+    level's is a multi-level head, as ADD's and LADD's discriminators read several layers of their feature
+    network: the bottleneck is coarse and noisy, and barely tells a blurred image from a sharp one."""
 
-    def __init__(self, channels: int, hidden: int = 0) -> None:
+    def __init__(self, channels: Sequence[int], hidden: int = 0) -> None:
         super().__init__()
-        hidden = hidden or channels
-        self.layers = nn.Sequential(
+        self.branches = nn.ModuleList(self._branch(c, hidden or c) for c in channels)
+        self.out = nn.Linear(sum(hidden or c for c in channels), 1)
+
+    @staticmethod
+    def _branch(channels: int, hidden: int) -> nn.Sequential:
+        return nn.Sequential(
             nn.Conv2d(channels, hidden, 3, padding=1), nn.GroupNorm(min(32, hidden // 4) or 1, hidden), nn.SiLU(),
             nn.Conv2d(hidden, hidden, 3, stride=2, padding=1), nn.SiLU(),
         )
-        self.out = nn.Linear(hidden, 1)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.out(self.layers(features.float()).mean(dim=(2, 3))).flatten()
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        read = features[len(features) - len(self.branches):]
+        pooled = [branch(f.float()).mean(dim=(2, 3)) for branch, f in zip(self.branches, read)]
+        return self.out(torch.cat(pooled, dim=1)).flatten()
 
 
 class ScoreWithHead(nn.Module):
@@ -55,9 +65,11 @@ class ScoreWithHead(nn.Module):
         return (*score_out, self.head(features))
 
 
-def bottleneck_channels(score: nn.Module) -> int:
-    """Channels of a Denoiser's bottleneck features: its UNet encoder's last block's outputs."""
-    return list(score.unet.enc.values())[-1].out_channels
+def head_channels(score: nn.Module, read: str) -> list[int]:
+    """Channels of the encoder outputs a head reads from a Denoiser: `bottleneck` (its UNet encoder's
+    last) or `encoder` (every one, input resolution first)."""
+    channels = [m.out_channels for m in score.unet.enc.values()]
+    return channels[-1:] if read == "bottleneck" else channels
 
 
 def balanced_gan_weight(grad_dm: torch.Tensor, grad_gan: torch.Tensor, ratio: float) -> torch.Tensor:

@@ -243,22 +243,23 @@ class UNet(nn.Module):
 
     def forward(
         self, x: torch.Tensor, c_noise: torch.Tensor, labels: torch.Tensor | None, return_features: bool = False
-    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """F(x); with return_features also the bottleneck, the encoder's output at its lowest
-        resolution [B, C, H / 2^(levels-1), W / 2^(levels-1)] (DMD2's discriminator reads it)."""
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """F(x); with return_features also the encoder's outputs, one per encoder module from the input
+        resolution down to the bottleneck (the last, [B, C, H / 2^(levels-1), W / 2^(levels-1)]): DMD2's
+        discriminator head reads the bottleneck, a multi-level head all of them."""
         emb = self.embedding(c_noise, labels)
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
         skips = []
         for module in self.enc.values():
             x = module(x) if isinstance(module, MPConv) else module(x, emb)
             skips.append(x)
-        bottleneck = x
+        features = list(skips)
         for name, block in self.dec.items():
             if "_block" in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)
             x = block(x, emb)
         out = self.out_conv(x, gain=self.out_gain)
-        return (out, bottleneck) if return_features else out
+        return (out, features) if return_features else out
 
 
 # --- Preconditioning (papers.md, "Preconditioning") ---
@@ -294,7 +295,7 @@ class Denoiser(nn.Module):
         """x [B, C, H, W], sigma scalar or [B], labels [B] class indices or None -> x0.
 
         With return_u also u(sigma) [B], computed inside forward so that DDP sees its use; with
-        return_features also the UNet's bottleneck features (last): (x0, [u,] features).
+        return_features also the UNet encoder's outputs, a list ending at the bottleneck (last): (x0, [u,] features).
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)

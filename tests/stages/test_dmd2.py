@@ -1,4 +1,4 @@
-"""DMD2 in the distill stage: a GAN head on the fake score's bottleneck, trained on real images; no pairs.
+"""DMD2 in the distill stage: a GAN head on the fake score's encoder features, trained on real images; no pairs.
 Which update moves what, and on a Gaussian problem the GAN term corrects a teacher's known bias."""
 
 import json
@@ -87,10 +87,23 @@ def _args(cfg: C.Config, **distill: object) -> D.DistillArgs:
                          encode["encoder"], None, _artifact(cfg, "distill"), 0)
 
 
-def test_the_heads_update_leaves_g_alone_and_gs_update_leaves_the_head_and_fake_score_alone(pairs_cfg):
-    args = _args(pairs_cfg)
+def test_a_bottleneck_head_reads_the_last_feature_map_only_and_an_encoder_head_every_one():
+    torch.manual_seed(0)
+    features = [torch.randn(4, 8, 16, 16), torch.randn(4, 16, 8, 8), torch.randn(4, 16, 4, 4)]
+    first_changed = [features[0] + torch.randn_like(features[0]), *features[1:]]
+    last_changed = [*features[:-1], features[-1] + torch.randn_like(features[-1])]
+    bottleneck, encoder = DiscriminatorHead([16]), DiscriminatorHead([8, 16, 16])
+    assert torch.equal(bottleneck(first_changed), bottleneck(features))
+    assert not torch.allclose(bottleneck(last_changed), bottleneck(features))
+    assert not torch.allclose(encoder(first_changed), encoder(features))
+
+
+@pytest.mark.parametrize("gan_head", ["bottleneck", "encoder"])
+def test_the_heads_update_leaves_g_alone_and_gs_update_leaves_the_head_and_fake_score_alone(pairs_cfg, gan_head):
+    args = _args(pairs_cfg, gan_head=gan_head)
     nets = D.build_nets(args, torch.device("cpu"))
     assert isinstance(nets.fake, ScoreWithHead)
+    assert len(nets.fake.head.branches) == (1 if gan_head == "bottleneck" else len(nets.real.unet.enc))
     z, labels = D._latents(8, nets.real, torch.device("cpu"))
     real = (torch.randn(8, 3, 16, 16) * 0.5, labels)
     x = nets.generator(z, labels)  # (a training-mode forward renormalises G's weights in place: first)
@@ -120,7 +133,7 @@ S = 0.5  # the data's standard deviation, per pixel
 
 
 class GaussianScore(nn.Module):
-    """The exact denoiser of N(mean, S^2) per pixel; its bottleneck features are the denoised image."""
+    """The exact denoiser of N(mean, S^2) per pixel; its one encoder feature map is the denoised image."""
 
     sigma_data, num_classes, img_channels, img_resolution = 0.5, 0, 2, 4
 
@@ -134,7 +147,7 @@ class GaussianScore(nn.Module):
     def forward(self, x, sigma, labels=None, return_u=False, return_features=False):
         s2 = torch.as_tensor(sigma, dtype=torch.float32).reshape(-1, 1, 1, 1) ** 2
         x0 = (S**2 * x + s2 * self.mean) / (S**2 + s2)
-        extra = ((self.u(sigma),) if return_u else ()) + ((x0,) if return_features else ())
+        extra = ((self.u(sigma),) if return_u else ()) + (([x0],) if return_features else ())
         return (x0, *extra) if extra else x0
 
 
@@ -157,7 +170,7 @@ def _gaussian_setup(optimizer: type = torch.optim.Adam, **distill: float) -> tup
     args = D.DistillArgs(cfg, {"P_mean": -0.4, "P_std": 1.0, "weighting": "edm2", "min_snr_gamma": 5.0,
                                "use_uncertainty": False}, None, "", "", [], [], {}, None, None, 0)
     teacher = GaussianScore(0.0, trainable=False)
-    fake = ScoreWithHead(GaussianScore(0.0, trainable=True), DiscriminatorHead(2, hidden=16))
+    fake = ScoreWithHead(GaussianScore(0.0, trainable=True), DiscriminatorHead([2], hidden=16))
     generator = ShiftGenerator(0.0)
     nets = D.Nets(generator, fake, teacher, None, optimizer(generator.parameters(), lr=0.02),
                   optimizer(fake.parameters(), lr=0.02))
