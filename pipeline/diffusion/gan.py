@@ -2,8 +2,9 @@
 
 The head reads the fake score's UNet bottleneck (the encoder's output at its lowest resolution; DMD2's
 head) or every encoder output (`distill.gan_head: encoder`) for images noised at a sigma, and gives one
-logit per image: real (encode shards) or generated. Losses are the non-saturating ones: the head (with the fake score, on the fake-score side) minimises
-softplus(-D(real)) + softplus(D(fake)); G minimises softplus(-D(G(z))).
+logit per image: real (encode shards) or generated. Losses are the non-saturating ones: the head (with
+the fake score, on the fake-score side) minimises softplus(-D(real)) + softplus(D(fake)); G minimises
+softplus(-D(G(z))).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class DiscriminatorHead(nn.Module):
     (two convolutions, a mean over space), their outputs concatenated, a linear layer. Built with the
     channels of the last len(channels) encoder outputs it reads: [the bottleneck's] is DMD2's head; every
     level's is a multi-level head, as ADD's and LADD's discriminators read several layers of their feature
-    network: the bottleneck is coarse and noisy, and barely tells a blurred image from a sharp one."""
+    network: the bottleneck, at the lowest resolution, carries little of an image's fine detail."""
 
     def __init__(self, channels: Sequence[int], hidden: int = 0) -> None:
         super().__init__()

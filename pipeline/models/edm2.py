@@ -295,7 +295,7 @@ class Denoiser(nn.Module):
         """x [B, C, H, W], sigma scalar or [B], labels [B] class indices or None -> x0.
 
         With return_u also u(sigma) [B], computed inside forward so that DDP sees its use; with
-        return_features also the UNet encoder's outputs, a list ending at the bottleneck (last): (x0, [u,] features).
+        return_features also the UNet encoder's outputs, a list ending at the bottleneck: (x0, [u,] features).
         """
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
         sigma = sigma.reshape(-1, 1, 1, 1).expand(x.shape[0], 1, 1, 1)
