@@ -253,7 +253,7 @@ class UNet(nn.Module):
         for module in self.enc.values():
             x = module(x) if isinstance(module, MPConv) else module(x, emb)
             skips.append(x)
-        features = list(skips)
+        features = list(skips) if return_features else None  # the decoder pops skips
         for name, block in self.dec.items():
             if "_block" in name:
                 x = mp_cat(x, skips.pop(), t=self.concat_balance)

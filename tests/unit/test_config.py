@@ -56,6 +56,7 @@ def test_values_are_validated():
     (["probe.enabled=false", "distill.val_every_nimg=0", "distill.keep=last"], r"but pairs.select=best .* needs the probe: turn it off"),
     (["pairs.select=worst"], r"pairs.select = 'worst': expected one of fixed, best"),
     (["pairs.select_images=0"], r"pairs.select_images = 0: must be > 0"),
+    (["distill.gan_head=neck"], r"distill.gan_head = 'neck': expected one of bottleneck, encoder"),
 ])
 def test_validation_settings_are_checked(settings, message):
     with pytest.raises(ValueError, match=message):
