@@ -28,7 +28,7 @@ import copy
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -52,13 +52,14 @@ from pipeline.metrics.validation import Reference, Watch, score
 from pipeline.models.edm2 import Denoiser
 from pipeline.store import Artifact
 from pipeline.models.edm2_release import load_guide
-from pipeline.seeds import mix_seed, validation_seeds
+from pipeline.seeds import counts_per_class, mix_seed, scored_labels, validation_seeds
 from pipeline.tracking import StageRun
 from pipeline.training import (DivergenceGuard, Diverged, MetricsLog, check_diverged, gather_metrics, load_state,
                                mixed_precision, save_state, train_guarded, zero_nonfinite_grads_)
 from pipeline.weights import load_network, load_probe, load_reference, save_network
 
-VERSION = "5"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G; 4: dmd2; 5: validation
+VERSION = "6"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G; 4: dmd2; 5: validation;
+# 6: validation's samples in the data's class proportions (seeds.scored_labels)
 UPSTREAM = ("encode", "probe", "teacher", "phema", "pairs")
 HELD_CLASSES = 0.8  # a student whose validation class accuracy is under this x its teacher's has lost classes
 
@@ -79,6 +80,7 @@ class DistillArgs:
     artifact: Artifact
     seed: int
     tracking: StageRun | None = None  # the stage's tracker runs, for rank 0's MetricsLog
+    class_counts: list[int] = field(default_factory=list)  # the data's images per class: validation's classes
 
 
 @dataclass
@@ -311,12 +313,17 @@ def _checkpoint(session: TrainSession, nets: Nets, watch: Watch, nimg: int) -> N
 
 @dataclass(frozen=True)
 class Validation:
-    """What a worker validates with: the probe, its reference statistics, the decoder, its share of the seeds."""
+    """What a worker validates with: the probe, its reference statistics, the decoder, its share of the seeds
+    and their classes (in the data's proportions; None for an unconditional student)."""
 
     probe: ProbeFeatures
     reference: Reference
     decode: Callable[[torch.Tensor], np.ndarray]
     seeds: list[int]
+    class_counts: list[int]
+
+    def labels(self, seeds: list[int], device: torch.device) -> torch.Tensor | None:
+        return torch.tensor(scored_labels(seeds, self.class_counts), device=device) if self.class_counts else None
 
 
 def _validation(args: DistillArgs, session: TrainSession, encoder: Any) -> Validation | None:
@@ -324,7 +331,7 @@ def _validation(args: DistillArgs, session: TrainSession, encoder: Any) -> Valid
         return None
     seeds = validation_seeds(args.cfg.val_images)[session.rank::session.world_size]
     return Validation(ProbeFeatures(load_probe(args.probe), str(session.device)), load_reference(args.probe),
-                      encoder.decode, seeds)
+                      encoder.decode, seeds, args.class_counts)
 
 
 def _validation_grid(net: Denoiser, sigmas: list[float], val: Validation, device: torch.device) -> np.ndarray:
@@ -348,8 +355,9 @@ def validate(session: TrainSession, args: DistillArgs, nets: Nets, val: Validati
     net.eval()
     start = time.perf_counter()
     try:
-        figures = score(lambda seeds: seeded_student_sample(net, sigmas, seeds, session.device), val.decode, val.probe,
-                        val.reference, val.seeds, cfg.val_batch, session.all_reduce, session.device)
+        figures = score(lambda seeds: seeded_student_sample(net, sigmas, seeds, session.device,
+                                                            val.labels(seeds, session.device)),
+                        val.decode, val.probe, val.reference, val.seeds, cfg.val_batch, session.all_reduce, session.device)
         if log.wants_images:
             with torch.no_grad():
                 log.image("validation/samples", _validation_grid(net, sigmas, val, session.device), nimg)
@@ -492,7 +500,7 @@ def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> d
                        [inputs["pairs"].path(s) for s in pairs["outputs"]["shards"]],
                        [inputs["encode"].path(s) for s in encode["shards"]], encode["encoder"],
                        inputs["probe"] if cfg.val_every_nimg else None, ctx.artifact, ctx.seed,
-                       ctx.tracking)
+                       ctx.tracking, counts_per_class(encode, encode["num_classes"]))
     if cfg.method == "dmd":
         load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights)  # a backbone that cannot be had fails here
         lpips_decoder(encoder_from_info(args.encoder), cfg.lpips_decoder)  # and so does a decoder

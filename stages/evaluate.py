@@ -17,7 +17,7 @@ import io
 import json
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache, partial
 from typing import Any
 
@@ -38,11 +38,12 @@ from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.precision_recall import precision_recall
 from pipeline.metrics.probe import ProbeFeatures
 from pipeline.store import Artifact
-from pipeline.seeds import evaluation_seeds, mix_seed
+from pipeline.seeds import counts_per_class, evaluation_seeds, mix_seed, scored_labels
 from pipeline.weights import load_network as load_denoiser
 from pipeline.weights import load_probe
 
-VERSION = "3"  # 2: the probe's metrics, the real row, several feature networks, per-class grids; 3: a stratified real row
+VERSION = "4"  # 2: the probe's metrics, the real row, several feature networks, per-class grids; 3: a stratified real
+# row; 4: the samples' classes in the data's proportions (seeds.scored_labels)
 UPSTREAM = ("encode", "probe", "refstats", "teacher", "phema", "distill")
 
 
@@ -90,6 +91,7 @@ class EvalJob:
     batch: int
     seed: int
     device: str
+    class_counts: list[int] = field(default_factory=list)  # the data's images per class: the samples' classes
 
 
 def generate(model: Model, net: torch.nn.Module, seeds: list[int], encoder: Any, device: str,
@@ -191,7 +193,9 @@ def evaluate_range(job: EvalJob, item: tuple[int, int, int]) -> dict[str, Any]:
     else:
         net = load_denoiser(model.artifact, model.config_name, model.weights).to(job.device)
         for lo in range(start, stop, job.batch):
-            tally.add(*generate(model, net, evaluation_seeds(lo, min(lo + job.batch, stop)), encoder, job.device))
+            seeds = evaluation_seeds(lo, min(lo + job.batch, stop))
+            classes = scored_labels(seeds, job.class_counts) if job.class_counts else None
+            tally.add(*generate(model, net, seeds, encoder, job.device, classes))
         grid = _model_grid(job, model, net, encoder) if start == 0 else None
     return {"model": index, **tally.result(), "grid": grid, "real": real, "seconds": time.perf_counter() - begin}
 
@@ -385,7 +389,7 @@ def run(ctx: StageContext, cfg: EvalConfig, inputs: dict[str, Artifact]) -> dict
     job = EvalJob(models, encode["encoder"], networks, probe, heldout,
                   [inputs["encode"].path(name) for name in encode["shards"]],
                   grid_classes(encode["num_classes"], cfg.grid_rows), cfg.grid_columns, cfg.batch, ctx.seed,
-                  "cuda" if cfg.num_gpus > 0 else "cpu")
+                  "cuda" if cfg.num_gpus > 0 else "cpu", counts_per_class(encode, encode["num_classes"]))
     counts = [len(heldout["index"]) if m.name == "real" else cfg.num_images for m in models]
     items = _items(counts, cfg.images_per_task)
     ctx.log.info("evaluate: %d models x %d images in %d tasks", len(models), cfg.num_images, len(items))

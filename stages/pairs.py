@@ -33,12 +33,12 @@ from pipeline.executor import Resources
 from pipeline.metrics.probe import ProbeFeatures
 from pipeline.metrics.validation import score
 from pipeline.models.edm2 import Denoiser
-from pipeline.seeds import validation_seeds
+from pipeline.seeds import counts_per_class, scored_labels, validation_seeds
 from pipeline.store import Artifact
 from pipeline.models.edm2_release import check_guide, load_guide
 from pipeline.weights import load_network, load_probe, load_reference
 
-VERSION = "2"  # 2: select: best
+VERSION = "3"  # 2: select: best; 3: the variants' samples in the data's class proportions (seeds.scored_labels)
 UPSTREAM = ("encode", "probe", "phema")
 UPSTREAM_IF = {"encode": ("select", "best"), "probe": ("select", "best")}  # only the teacher's choice reads them
 PIECEWISE = True  # a rerun makes only the pieces not committed: `onestep run --repair` remakes damaged ones
@@ -65,11 +65,14 @@ def _load(job: PairsJob, weights: str) -> tuple[Denoiser, Denoiser | None]:
     return net, guide
 
 
-def _sample(job: PairsJob, net: Denoiser, guide: Denoiser | None,
-            seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(noise, the teacher's sample, labels) of `seeds`, with this stage's sampler."""
+def _sample(job: PairsJob, net: Denoiser, guide: Denoiser | None, seeds: list[int],
+            classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(noise, the teacher's sample, labels) of `seeds`, with this stage's sampler; `classes`, if given,
+    replace the labels drawn from the seeds."""
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
     noise, labels = seeded_noise(seeds, shape, net.num_classes, job.device)
+    if classes is not None and labels is not None:
+        labels = torch.tensor(classes, device=labels.device)
     with torch.no_grad():
         out = edm_sampler(net, noise, labels, num_steps=job.cfg.num_steps, guidance=job.cfg.guidance, guide=guide)
     return noise, out, labels
@@ -101,11 +104,14 @@ def make_shard(job: PairsJob, shard: int) -> int:
     return count
 
 
-def score_variant(job: PairsJob, probe: Artifact, encoder: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
-    """fd_probe and class accuracy of one variant's samples of the first `select_images` validation seeds."""
+def score_variant(job: PairsJob, probe: Artifact, encode: dict[str, Any], variant: dict[str, Any]) -> dict[str, Any]:
+    """fd_probe and class accuracy of one variant's samples of the first `select_images` validation seeds,
+    their classes in the data's proportions (`encode`: encode's manifest outputs)."""
     net, guide = _load(job, variant["file"])
-    decode = encoder_from_info(encoder, job.device).decode
-    figures = score(lambda seeds: _sample(job, net, guide, seeds)[1:], decode,
+    decode = encoder_from_info(encode["encoder"], job.device).decode
+    counts = counts_per_class(encode, net.num_classes)
+    figures = score(lambda seeds: _sample(job, net, guide, seeds, scored_labels(seeds, counts) if counts else None)[1:],
+                    decode,
                     ProbeFeatures(load_probe(probe), job.device), load_reference(probe),
                     validation_seeds(job.cfg.select_images), job.cfg.batch, lambda t: t, torch.device(job.device))
     return {"sigma_rel": variant["sigma_rel"], **figures}
@@ -126,8 +132,8 @@ def select_teacher(ctx: StageContext, job: PairsJob, inputs: dict[str, Artifact]
     variants = inputs["phema"].manifest()["outputs"]["variants"]
     if len(variants) == 1:
         return variants[0], []
-    encoder = inputs["encode"].manifest()["outputs"]["encoder"]
-    scores = ctx.map(partial(score_variant, job, inputs["probe"], encoder), variants, resources, desc="pairs: select")
+    encode = inputs["encode"].manifest()["outputs"]
+    scores = ctx.map(partial(score_variant, job, inputs["probe"], encode), variants, resources, desc="pairs: select")
     best = min(range(len(variants)), key=lambda i: scores[i]["fd_probe"])
     table = ", ".join(f"{s['sigma_rel']:g}: {s['fd_probe']:.4g}" for s in scores)
     ctx.log.info("pairs: teacher sigma_rel %g, the lowest validation fd_probe over %d images (%s)",

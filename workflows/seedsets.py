@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pipeline/, st
 
 from pipeline import config as C  # noqa: E402
 from pipeline import dag, store  # noqa: E402
+from pipeline.seeds import counts_per_class  # noqa: E402
 from stages.evaluate import (EvalJob, evaluate_range, references, score, student_model,  # noqa: E402
                              teacher_models)
 
@@ -46,8 +47,9 @@ def measure(cfg: C.Config, sets: int, device: str = "cpu") -> list[dict[str, Any
     evaluate row of fd_probe, class accuracy, precision and recall on that set's seeds."""
     arts = _artifacts(cfg)
     models = [*teacher_models(arts["phema"], cfg.eval.num_steps), student_model(arts["distill"])]
-    job = EvalJob(models, arts["encode"].manifest()["outputs"]["encoder"], {}, arts["probe"], {}, [], [], 0,
-                  cfg.eval.batch, cfg.seed, device)
+    encode = arts["encode"].manifest()["outputs"]
+    job = EvalJob(models, encode["encoder"], {}, arts["probe"], {}, [], [], 0, cfg.eval.batch, cfg.seed, device,
+                  counts_per_class(encode, encode["num_classes"]))
     refs = references(arts["probe"], arts["refstats"], {})
     n, per_task = cfg.eval.num_images, cfg.eval.images_per_task
     rows = []

@@ -20,7 +20,7 @@ from pipeline.diffusion.phema import sigma_rel_to_gamma
 from pipeline.executor import InlineExecutor, InlineSession
 from pipeline.metrics.probe import ProbeFeatures
 from pipeline.metrics.validation import Reference, score
-from pipeline.seeds import validation_seeds
+from pipeline.seeds import counts_per_class, scored_labels, validation_seeds
 from pipeline.training import Diverged
 from pipeline.weights import load_network, load_probe
 from helpers import DISTILL_TINY, DMD2, VALIDATION, save_tiny_decoder, save_tiny_vae
@@ -213,9 +213,12 @@ def _rescore(cfg: C.Config) -> float:
     student = load_network(_artifact(cfg, "distill"), "student")
     probe = _artifact(cfg, "probe")
     ref = np.load(io.BytesIO(probe.read_bytes("reference.npz")))
-    encoder = encoder_from_info(_artifact(cfg, "encode").manifest()["outputs"]["encoder"])
+    encode = _artifact(cfg, "encode").manifest()["outputs"]
+    encoder = encoder_from_info(encode["encoder"])
+    counts = counts_per_class(encode, encode["num_classes"])
     sigmas = student_sigmas(cfg.distill.student_steps, cfg.distill.sigma_init)
-    figures = score(lambda seeds: seeded_student_sample(student, sigmas, seeds, "cpu"), encoder.decode,
+    figures = score(lambda seeds: seeded_student_sample(student, sigmas, seeds, "cpu", torch.tensor(scored_labels(seeds, counts))),
+                    encoder.decode,
                     ProbeFeatures(load_probe(probe), "cpu"), Reference(ref["mu"], ref["sigma"]),
                     validation_seeds(cfg.distill.val_images), 8, lambda t: t, torch.device("cpu"))
     return figures["fd_probe"]

@@ -14,6 +14,7 @@ from pipeline import dag, store
 from pipeline.executor import InlineExecutor
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.report import BLOCK_GAP, CELL_GAP, METRICS, MIN_CELL
+from pipeline.seeds import counts_per_class
 from stages.evaluate import EvalJob, Model, evaluate_range
 
 TINY = ["encode.num_images=80", "encode.shard_size=40", "teacher.channels=16", "teacher.batch=4",
@@ -75,9 +76,10 @@ def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
 
     # The reduced task sums equal one pass over all 12 seeds, and the metrics are recomputed from it.
     phema, refstats = _artifact(cfg, "phema"), _artifact(cfg, "refstats")
-    encoder = _artifact(cfg, "encode").manifest()["outputs"]["encoder"]
+    encode = _artifact(cfg, "encode").manifest()["outputs"]
     model = Model("teacher", phema, "phema-0.0500.safetensors", 0.05, 3)
-    job = EvalJob([model], encoder, {"inception": weights}, _artifact(cfg, "probe"), {}, [], [0], 1, 12, cfg.seed, "cpu")
+    job = EvalJob([model], encode["encoder"], {"inception": weights}, _artifact(cfg, "probe"), {}, [], [0], 1, 12,
+                  cfg.seed, "cpu", counts_per_class(encode, encode["num_classes"]))
     whole = evaluate_range(job, (0, 0, 12))
     stats = FeatureStats.from_dict(whole["stats"]["inception"])
     ref = np.load(refstats.path("inception.npz"))

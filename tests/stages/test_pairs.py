@@ -6,6 +6,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import config as C
 from pipeline import dag, store
@@ -14,7 +15,7 @@ from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import InlineExecutor, RayExecutor
 from pipeline.metrics.fid import frechet_distance
 from pipeline.metrics.probe import ProbeFeatures
-from pipeline.seeds import validation_seeds
+from pipeline.seeds import counts_per_class, scored_labels, validation_seeds
 from pipeline.weights import load_network, load_probe, load_reference
 import stages.pairs
 from stages.pairs import read_pairs
@@ -108,8 +109,10 @@ def test_guided_pairs_use_the_guide_network(storage):
 def _variant_figures(cfg: C.Config, sigma_rel: float) -> tuple[float, float]:
     """fd_probe and class accuracy of a variant's samples of the validation seeds, computed here."""
     net = load_network(_artifact(cfg, "phema"), "network", f"phema-{sigma_rel:.4f}.safetensors")
-    z, labels = seeded_noise(validation_seeds(cfg.pairs.select_images), (3, 16, 16), net.num_classes, "cpu")
-    decode = encoder_from_info(_artifact(cfg, "encode").manifest()["outputs"]["encoder"]).decode
+    seeds, encode = validation_seeds(cfg.pairs.select_images), _artifact(cfg, "encode").manifest()["outputs"]
+    z, _ = seeded_noise(seeds, (3, 16, 16), net.num_classes, "cpu")
+    labels = torch.tensor(scored_labels(seeds, counts_per_class(encode, net.num_classes)))  # the data's proportions
+    decode = encoder_from_info(encode["encoder"]).decode
     features, predicted = ProbeFeatures(load_probe(_artifact(cfg, "probe")), "cpu").embed(
         decode(edm_sampler(net, z, labels, num_steps=cfg.pairs.num_steps)))
     ref = load_reference(_artifact(cfg, "probe"))

@@ -9,11 +9,11 @@ from pipeline import dag
 
 KEYS = {
     "demo": {"encode": "319065ca302e3bb0", "probe": "2adf7474bc916042", "refstats": "9ff3c7cf8d20e5a1",
-             "teacher": "6b13eae12d16f781", "phema": "a6dc8278695fde94", "pairs": "dfc2242c8a018fef",
-             "distill": "530c02561689d7b6", "evaluate": "5a8bc7811b4e7558"},
+             "teacher": "6b13eae12d16f781", "phema": "a6dc8278695fde94", "pairs": "ec276bd777055e0b",
+             "distill": "fc35b774d16f5cde", "evaluate": "d49526d1038061be"},
     "ci": {"encode": "9803d7685336406c", "probe": "30590b34f7bb240b", "refstats": "72afa5dca41ddfeb",
-           "teacher": "fc9faaadd1e2241a", "phema": "20ddd9a9fecc3108", "pairs": "89e1143569250e35",
-           "distill": "5f86985ebb956257", "evaluate": "05e5fe2c147a048b"},
+           "teacher": "fc9faaadd1e2241a", "phema": "20ddd9a9fecc3108", "pairs": "fa5ecb890005db55",
+           "distill": "7894fa7d23008167", "evaluate": "0eca1e9d28480a02"},
 }
 
 

@@ -9,7 +9,7 @@ from pipeline.metrics.probe import ProbeFeatures, ProbeNet
 from pipeline.metrics.validation import Reference, Watch, score
 from pipeline import config as C
 from pipeline.diffusion.sampler import SEED_LIMIT, seeded_noise
-from pipeline.seeds import PAIRS_SEED_BASE, evaluation_seeds, validation_seeds
+from pipeline.seeds import PAIRS_SEED_BASE, counts_per_class, evaluation_seeds, scored_labels, validation_seeds
 
 
 def test_validation_pairs_and_evaluation_draw_different_noise():
@@ -31,6 +31,29 @@ def test_pairs_seeds_that_overlap_evaluations_are_refused():
     with pytest.raises(ValueError, match=r"pairs.seed = 0: the pairs' seeds \[0, 64\) overlap evaluate's"):
         C.load_config("ci", ["pairs.seed=0"])
     assert C.load_config("ci").pairs.seed == PAIRS_SEED_BASE
+
+
+@pytest.mark.parametrize("seeds", [evaluation_seeds(0, 256), evaluation_seeds(999, 1255), validation_seeds(256)])
+def test_scored_samples_hold_every_class_in_the_datas_proportion(seeds):
+    """256 consecutive seeds give each class its share of the data within one image; labels drawn at
+    random would miss it by several (each class's count has a standard deviation of about 5 here)."""
+    equal = np.bincount(scored_labels(seeds, [50] * 10), minlength=10)
+    assert equal.sum() == 256 and set(equal) <= {25, 26}
+    assert np.bincount(scored_labels(seeds, [100, 200, 0, 100]), minlength=4).tolist() == [64, 128, 0, 64]
+    shares = np.array([3, 7, 1, 9, 5])
+    uneven = np.bincount(scored_labels(seeds, shares), minlength=5)
+    assert np.all(np.abs(uneven - 256 * shares / shares.sum()) < 1)
+    assert set(np.bincount(scored_labels(seeds[:64], [50] * 10), minlength=10)) <= {6, 7}
+    assert scored_labels(seeds[:10], [50] * 10) == [s % 10 for s in seeds[:10]]  # equal classes: seed mod K
+
+
+def test_a_scored_samples_class_depends_on_its_seed_alone():
+    """So evaluate's tasks, validation's ranks and any batch size give every sample the same class."""
+    seeds, counts = validation_seeds(100), [4, 1, 3]
+    whole = scored_labels(seeds, counts)
+    assert scored_labels(seeds[1::2], counts) == whole[1::2] and scored_labels(seeds[37:41], counts) == whole[37:41]
+    assert counts_per_class({"class_counts": {"0": 5, "2": 7}}, 3) == [5, 0, 7]
+    assert counts_per_class({}, 3) == [1, 1, 1]  # no counts recorded: equal shares
 
 
 def _probe() -> ProbeFeatures:
