@@ -324,7 +324,8 @@ def _summary(rows: list[dict[str, Any]], metric: str) -> tuple[dict[str, Any], l
 
 
 def _notes(cfg: EvalConfig, probe: dict[str, Any], refstats: dict[str, Any], real_count: int) -> list[str]:
-    notes = [f"{cfg.num_images} generated images per model (seed i is image i of every model)."]
+    notes = [f"{cfg.num_images} generated images per model (seed i is image i of every model; its class is its place "
+             "in a cycle of the classes in the data's proportions)."]
     if probe.get("enabled"):
         notes.append(f"Probe metrics: the features of a classifier trained on the dataset (held-out accuracy "
                      f"{probe['holdout_accuracy']:.1%}, chance {probe['chance_accuracy']:.1%}) against its "

@@ -91,9 +91,10 @@ def train_task(job: TrainJob, data: dict[str, np.ndarray]) -> dict[str, Any]:
     """Train the probe on the non-held-out samples; write its weights and the reference features."""
     cfg = job.cfg
     with torch_threads(int(cfg.num_cpus)):
-        x = torch.from_numpy(data["x"]).to(job.device).float().contiguous(memory_format=torch.channels_last)
-        y = torch.from_numpy(data["label"]).to(job.device)
-        hold = torch.from_numpy(data["holdout"]).to(job.device)
+        # torch.tensor copies: the arrays come read-only from Ray's object store
+        x = torch.tensor(data["x"], device=job.device).float().contiguous(memory_format=torch.channels_last)
+        y = torch.tensor(data["label"], device=job.device)
+        hold = torch.tensor(data["holdout"], device=job.device)
         torch.manual_seed(job.seed)
         net = ProbeNet(job.num_classes, job.resolution, cfg.channels, cfg.feature_dim).to(
             job.device, memory_format=torch.channels_last)
