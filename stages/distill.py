@@ -314,7 +314,7 @@ def _checkpoint(session: TrainSession, nets: Nets, watch: Watch, nimg: int) -> N
 @dataclass(frozen=True)
 class Validation:
     """What a worker validates with: the probe, its reference statistics, the decoder, its share of the seeds
-    and their classes (in the data's proportions; None for an unconditional student)."""
+    and the data's images per class, which class the seeds' samples (seeds.scored_labels; none if empty)."""
 
     probe: ProbeFeatures
     reference: Reference
