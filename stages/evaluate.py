@@ -98,15 +98,13 @@ def generate(model: Model, net: torch.nn.Module, seeds: list[int], encoder: Any,
              classes: list[int] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """(uint8 images [B, H, W, 3], labels [B] or None) for these seeds: noise and label from each
     seed's generator; `classes`, if given, replaces the labels."""
-    given = None if classes is None else torch.tensor(classes, device=device)
     with torch.no_grad():
         if model.name == "teacher":
             noise, labels = seeded_noise(seeds, (net.img_channels, net.img_resolution, net.img_resolution),
-                                         net.num_classes, device)
-            labels = given if given is not None and labels is not None else labels
+                                         net.num_classes, device, classes)
             x = edm_sampler(net, noise, labels, num_steps=model.num_steps)
         else:  # the student: G(z) = D(sigmas[0] z, sigmas[0]), then its later steps if it has them
-            x, labels = seeded_student_sample(net, list(model.sigmas) or [SIGMA_MAX], seeds, device, given)
+            x, labels = seeded_student_sample(net, list(model.sigmas) or [SIGMA_MAX], seeds, device, classes)
     return encoder.decode(x), None if labels is None else labels.cpu().numpy()
 
 

@@ -70,9 +70,7 @@ def _sample(job: PairsJob, net: Denoiser, guide: Denoiser | None, seeds: list[in
     """(noise, the teacher's sample, labels) of `seeds`, with this stage's sampler; `classes`, if given,
     replace the labels drawn from the seeds."""
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    noise, labels = seeded_noise(seeds, shape, net.num_classes, job.device)
-    if classes is not None and labels is not None:
-        labels = torch.tensor(classes, device=labels.device)
+    noise, labels = seeded_noise(seeds, shape, net.num_classes, job.device, classes)
     with torch.no_grad():
         out = edm_sampler(net, noise, labels, num_steps=job.cfg.num_steps, guidance=job.cfg.guidance, guide=guide)
     return noise, out, labels

@@ -7,6 +7,7 @@ trainable copy of it fitted to the generator's outputs with the teacher's own lo
 
 import copy
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import lpips
@@ -77,13 +78,12 @@ def student_sample(generator: nn.Module, noise: torch.Tensor, labels: torch.Tens
 
 
 def seeded_student_sample(net: nn.Module, sigmas: list[float], seeds: list[int], device: torch.device | str,
-                          labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                          labels: Sequence[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(images [B, C, H, W], labels [B] or None) of a student `net` (a Denoiser) with noise levels
     `sigmas` for these seeds: noise, label and each later step's re-noising from each seed's generator
     (`labels`, if given, replace the drawn ones), so a sample is the same in any batch."""
     shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    draws, drawn = seeded_draws(seeds, shape, net.num_classes, len(sigmas), device)
-    labels = drawn if labels is None or drawn is None else labels
+    draws, labels = seeded_draws(seeds, shape, net.num_classes, len(sigmas), device, labels)
     return student_sample(OneStepGenerator(net, sigmas[0]), draws[0], labels, sigmas, list(draws[1:])), labels
 
 

@@ -73,11 +73,13 @@ SEED_LIMIT = 1 << 32  # torch's CPU generator (mt19937) keeps only a seed's low 
 
 
 def seeded_draws(
-    seeds: Sequence[int], shape: tuple[int, ...], num_classes: int, draws: int, device: torch.device | str
+    seeds: Sequence[int], shape: tuple[int, ...], num_classes: int, draws: int, device: torch.device | str,
+    classes: Sequence[int] | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`draws` unit Gaussian tensors per seed, [draws, B, *shape], and labels [B] (None if num_classes == 0),
     all from one generator per seed: the first noise, then the label, then the later draws (a multi-step
-    student's re-noising). Seeds must be in [0, 2^32): torch would fold larger ones onto smaller ones."""
+    student's re-noising). `classes`, if given, replace the labels drawn (they are drawn all the same, so
+    the later draws do not move). Seeds must be in [0, 2^32): torch would fold larger ones onto smaller ones."""
     if len(seeds) == 0:
         raise ValueError("seeded noise needs at least one seed")
     if not all(0 <= int(s) < SEED_LIMIT for s in seeds):
@@ -90,13 +92,14 @@ def seeded_draws(
         if num_classes > 0:
             labels.append(torch.randint(num_classes, (), generator=gen))
         noise.append(torch.stack([first, *(torch.randn(shape, generator=gen) for _ in range(draws - 1))]))
-    batch_labels = torch.stack(labels).to(device) if labels else None
-    return torch.stack(noise, dim=1).to(device), batch_labels
+    batch_labels = None if not labels else torch.stack(labels) if classes is None else torch.as_tensor(classes)
+    return torch.stack(noise, dim=1).to(device), None if batch_labels is None else batch_labels.to(device)
 
 
 def seeded_noise(
-    seeds: Sequence[int], shape: tuple[int, ...], num_classes: int, device: torch.device | str
+    seeds: Sequence[int], shape: tuple[int, ...], num_classes: int, device: torch.device | str,
+    classes: Sequence[int] | torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Noise [B, *shape] and labels [B] (None if num_classes == 0), one generator per seed."""
-    draws, labels = seeded_draws(seeds, shape, num_classes, 1, device)
+    """Noise [B, *shape] and labels [B] (None if num_classes == 0; `classes` if given), one generator per seed."""
+    draws, labels = seeded_draws(seeds, shape, num_classes, 1, device, classes)
     return draws[0], labels
