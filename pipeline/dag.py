@@ -7,88 +7,32 @@ reruns that stage and everything downstream of it, nothing upstream.
 
 from __future__ import annotations
 
-import ast
 import hashlib
-import importlib
-import importlib.util
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 from collections.abc import Callable
-from types import ModuleType
 from typing import Any
 
 from pipeline import config as C
 from pipeline import lease, store, tracking
 from pipeline.executor import DDPJob, Executor, Resources, TrainSession, make_executor
+from pipeline.outputs import canonical
+from pipeline.stage import DDP, MAP, Stage
 
 log = logging.getLogger("onestep")
 
-# Stage name -> (module, config section), in a topological order (each after its upstream).
-STAGE_MODULES: dict[str, tuple[str, str]] = {
-    "encode": ("stages.encode", "encode"),
-    "probe": ("stages.probe", "probe"),
-    "refstats": ("stages.refstats", "refstats"),
-    "teacher": ("stages.teacher", "teacher"),
-    "phema": ("stages.phema", "phema"),
-    "pairs": ("stages.pairs", "pairs"),
-    "distill": ("stages.distill", "distill"),
-    "evaluate": ("stages.evaluate", "eval"),
-}
+
+def graph() -> dict[str, Stage]:
+    """The declared stages (stages/__init__.py) by name, in a topological order."""
+    from stages import STAGES
+
+    return {stage.name: stage for stage in STAGES}
 
 
-@dataclass(frozen=True)
-class Node:
-    name: str
-    module: str | ModuleType  # a module name is imported only when the stage runs
-    upstream: tuple[str, ...]
-    version: str
-    section: str = ""  # its config section, if not named like the stage
-    piecewise: bool = False  # its run makes only the pieces not yet committed (see pipeline/integrity.py)
-    # {stage: (field, value)}: an upstream only when the stage's section has field == value
-    upstream_if: dict[str, tuple[str, Any]] = field(default_factory=dict)
-
-    def config(self, cfg: C.Config) -> Any:
-        return getattr(cfg, self.section or self.name)
-
-    def inputs(self, cfg: C.Config) -> tuple[str, ...]:
-        """The upstream stages this config reads (and whose keys are in this stage's key)."""
-        section = self.config(cfg)
-        return tuple(u for u in self.upstream
-                     if u not in self.upstream_if or getattr(section, self.upstream_if[u][0]) == self.upstream_if[u][1])
-
-    def run(self, ctx: StageContext, section: Any, inputs: dict[str, store.Artifact]) -> dict[str, Any]:
-        module = importlib.import_module(self.module) if isinstance(self.module, str) else self.module
-        return module.run(ctx, section, inputs) or {}
-
-
-def _constants(module_name: str, names: tuple[str, ...], optional: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Top-level literal constants of a module, read from its source without importing it
-    (stage modules import torch; `onestep status` should not have to)."""
-    tree = ast.parse(Path(importlib.util.find_spec(module_name).origin).read_text())
-    found = {}
-    for stmt in tree.body:
-        target = stmt.target if isinstance(stmt, ast.AnnAssign) else (stmt.targets[0] if isinstance(stmt, ast.Assign) else None)
-        if isinstance(target, ast.Name) and target.id in names + optional:
-            found[target.id] = ast.literal_eval(stmt.value)
-    missing = set(names) - set(found)
-    assert not missing, f"stage module {module_name} lacks {missing}"
-    return found
-
-
-def graph() -> dict[str, Node]:
-    nodes = {}
-    for name, (module_name, section) in STAGE_MODULES.items():
-        consts = _constants(module_name, ("VERSION", "UPSTREAM"), optional=("PIECEWISE", "UPSTREAM_IF"))
-        nodes[name] = Node(name, module_name, tuple(consts["UPSTREAM"]), str(consts["VERSION"]), section,
-                           bool(consts.get("PIECEWISE", False)), dict(consts.get("UPSTREAM_IF", {})))
-    return nodes
-
-
-def key_config(node: Node, cfg: C.Config) -> dict[str, Any]:
+def key_config(node: Stage, cfg: C.Config) -> dict[str, Any]:
     """The stage's result fields, with each content field's URL replaced by what it points to."""
     section = node.config(cfg)
     fields = C.result_fields(section)
@@ -97,11 +41,11 @@ def key_config(node: Node, cfg: C.Config) -> dict[str, Any]:
             try:
                 fields[name] = {"content": store.Store(cfg.storage).content_id(fields[name])}
             except ValueError as e:
-                raise ValueError(f"{node.section or node.name}.{name}: {e}: fix the URL, or leave it empty") from None
+                raise ValueError(f"{node.section}.{name}: {e}: fix the URL, or leave it empty") from None
     return fields
 
 
-def stage_key(node: Node, cfg: C.Config, upstream_keys: dict[str, str]) -> str:
+def stage_key(node: Stage, cfg: C.Config, upstream_keys: dict[str, str]) -> str:
     payload = {
         "stage": node.name,
         "version": node.version,
@@ -113,14 +57,14 @@ def stage_key(node: Node, cfg: C.Config, upstream_keys: dict[str, str]) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def cache_keys(nodes: dict[str, Node], cfg: C.Config) -> dict[str, str]:
+def cache_keys(nodes: dict[str, Stage], cfg: C.Config) -> dict[str, str]:
     keys: dict[str, str] = {}
     for node in nodes.values():
         keys[node.name] = stage_key(node, cfg, {u: keys[u] for u in node.inputs(cfg)})
     return keys
 
 
-def closure(nodes: dict[str, Node], start: set[str], downstream: bool, cfg: C.Config | None = None) -> set[str]:
+def closure(nodes: dict[str, Stage], start: set[str], downstream: bool, cfg: C.Config | None = None) -> set[str]:
     """`start` plus every stage upstream (or downstream) of it: of it under `cfg`, or under any config."""
     up = {n: set(nodes[n].inputs(cfg) if cfg else nodes[n].upstream) for n in nodes}
     edges = {n: {m for m in nodes if n in up[m]} for n in nodes} if downstream else up
@@ -149,13 +93,13 @@ class Plan:
         return "\n".join(lines)
 
 
-def check_names(nodes: dict[str, Node], names: list[str], flag: str) -> None:
+def check_names(nodes: dict[str, Stage], names: list[str], flag: str) -> None:
     for name in names:
         if name not in nodes:
             raise ValueError(f"{flag} {name}: unknown stage; stages: {', '.join(nodes)}")
 
 
-def make_plan(nodes: dict[str, Node], cfg: C.Config, st: store.Store, only: list[str] = (),
+def make_plan(nodes: dict[str, Stage], cfg: C.Config, st: store.Store, only: list[str] = (),
               force: list[str] = (), until: str | None = None) -> Plan:
     check_names(nodes, [*only, *force, *([until] if until else [])], "--only/--force/--until")
     keys = cache_keys(nodes, cfg)
@@ -196,7 +140,7 @@ class StageContext:
         return self.executor.ddp(train_fn, args, job)
 
 
-def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor,
+def run_stage(node: Stage, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor,
               before_commit: Callable[[], None] = lambda: None,
               runs: tracking.DagRun | None = None) -> dict[str, Any]:
     """Run one stage and commit its artifact; with `runs`, inside its tracking runs (a child of the DAG's)."""
@@ -212,7 +156,7 @@ def run_stage(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], 
             runs.end(stage_run, artifact, manifest)
 
 
-def _run_and_commit(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor,
+def _run_and_commit(node: Stage, cfg: C.Config, st: store.Store, keys: dict[str, str], executor: Executor,
                     before_commit: Callable[[], None], stage_run: tracking.StageRun | None) -> dict[str, Any]:
     artifact = st.artifact(node.name, keys[node.name])
     section = node.config(cfg)
@@ -223,7 +167,7 @@ def _run_and_commit(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, 
     log.info("%s: running (key %s) -> %s", node.name, keys[node.name], store.redact(artifact.url))
     start = time.time()
     try:
-        outputs = node.run(ctx, section, inputs)
+        outputs = canonical(node.function()(ctx, section, inputs) or {})
     except Exception as e:
         lost = store.connection_lost(e, st.root, f"stage {node.name}")
         if lost is not None:
@@ -247,7 +191,7 @@ def _run_and_commit(node: Node, cfg: C.Config, st: store.Store, keys: dict[str, 
 
 def run(cfg: C.Config, only: list[str] = (), force: list[str] = (), until: str | None = None,
         dry_run: bool = False, executor: Executor | None = None,
-        nodes: dict[str, Node] | None = None, wait: bool = True) -> Plan:
+        nodes: dict[str, Stage] | None = None, wait: bool = True) -> Plan:
     """Compute the missing (or forced) artifacts of the selected stages, in order, each under its lease
     (`pipeline/lease.py`): an artifact another run is writing is waited for and used (or, with
     `wait=False`, an error)."""
@@ -294,11 +238,12 @@ def check_cluster_storage(num_nodes: int, root: str, shared: bool) -> None:
         )
 
 
-def check_resources(executor: Executor, to_run: list[Node], cfg: C.Config) -> None:
+def check_resources(executor: Executor, to_run: list[Stage], cfg: C.Config) -> None:
     """Before any stage starts: every stage's tasks and training workers fit the cluster."""
     for node in to_run:
-        section, what = node.config(cfg), node.section or node.name
-        if hasattr(section, "num_cpus"):  # a map stage
-            executor.check(Resources(section.num_cpus, getattr(section, "num_gpus", 0.0)), what)
-        if hasattr(section, "num_workers") and getattr(section, "source", "train") == "train":  # a DDP stage
-            executor.check_ddp(DDPJob(what, "", section.num_workers, section.use_gpu, 0))
+        section = node.config(cfg)
+        how = node.execution(section)
+        if how == MAP:
+            executor.check(Resources(section.num_cpus, getattr(section, "num_gpus", 0.0)), node.section)
+        elif how == DDP:
+            executor.check_ddp(DDPJob(node.section, "", section.num_workers, section.use_gpu, 0))

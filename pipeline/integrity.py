@@ -4,7 +4,7 @@ and remaking them.
 Every committed artifact's manifest lists each file's size and xxh3-64 checksum (`store.Artifact.commit`).
 `verify` re-reads every file of the chosen artifacts, in parallel tasks of about `VERIFY_TASK_BYTES`
 each, and reports the missing, cut and altered ones. `repair` remakes what is damaged: for a stage that
-makes its artifact piece by piece (encode, pairs, phema: `PIECEWISE = True` in the stage module) it
+makes its artifact piece by piece (encode, pairs, phema: `piecewise=True` in its declaration, stages/__init__.py) it
 deletes the damaged pieces (their files and markers) and the manifest, and reruns the stage, which
 makes only the missing pieces; any other stage is remade whole. When the remade files' checksums differ
 from the old ones (GPUs are not bitwise deterministic; logs, with their wall times, do not count), the
@@ -20,6 +20,7 @@ from typing import Any
 from pipeline import config as C
 from pipeline import dag, store
 from pipeline.executor import Executor, Resources, make_executor
+from pipeline.stage import Stage
 
 log = logging.getLogger("onestep")
 
@@ -119,7 +120,7 @@ def _piece_files(artifact: store.Artifact, files: list[str]) -> dict[str, list[s
     return chosen
 
 
-def _drop_damaged(node: dag.Node, artifact: store.Artifact, damage: list[Damage]) -> str:
+def _drop_damaged(node: Stage, artifact: store.Artifact, damage: list[Damage]) -> str:
     """Delete what the stage's rerun will remake; returns what was dropped, for the log."""
     pieces = _piece_files(artifact, [d.file for d in damage]) if node.piecewise else None
     if pieces is None:

@@ -70,7 +70,7 @@ def _row(entry: Entry, against: str | None, presets: dict[str, C.Config | None])
         return [entry.stage, entry.key, entry.status, "-", "-", "-", "-"]
     name = against or m.get("preset", "demo")
     preset = _preset(name, presets)
-    section = dag.STAGE_MODULES[entry.stage][1]
+    section = dag.graph()[entry.stage].section
     diff = config_diff(m["config"], preset, section) if preset else {}
     numbers = headline(entry.stage, m["outputs"])
     return [entry.stage, entry.key, entry.status, m["created"].replace("T", " ")[:16], f"{m['wall_time_s']:.1f} s",

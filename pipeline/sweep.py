@@ -27,6 +27,7 @@ import yaml
 from pipeline import config as C
 from pipeline import dag, store
 from pipeline.executor import Executor, TrialOutcome, TrialSchedule
+from pipeline.outputs import DistillOutputs, EvalOutputs
 
 TRAINED = ("distill", "evaluate")  # what each trial makes; everything upstream is shared
 
@@ -109,18 +110,18 @@ def run_trial(trial: Trial, executor: Executor) -> dict[str, Any]:
 def summary(cfg: C.Config, keys: dict[str, str]) -> dict[str, Any]:
     """A finished trial's row: the student kept and its validation, and evaluate's headline figures."""
     st = store.Store(cfg.storage)
-    distill = st.artifact("distill", keys["distill"]).manifest()["outputs"]
-    evaluate = st.artifact("evaluate", keys["evaluate"]).manifest()["outputs"]
-    student = next(m for m in evaluate["models"] if m["model"] == "student")
-    kept = distill["validation"]["kept"] or {}
+    distill = DistillOutputs.read(st.artifact("distill", keys["distill"]))
+    evaluate = EvalOutputs.read(st.artifact("evaluate", keys["evaluate"]))
+    student = next(m for m in evaluate.models if m["model"] == "student")
+    kept = distill.validation["kept"] or {}
     return {"keys": {k: keys[k] for k in ("teacher", "distill", "evaluate")},
-            "kept_nimg": distill["student"]["nimg"], "stopped": distill["validation"]["stopped"],
+            "kept_nimg": distill.student.nimg, "stopped": distill.validation["stopped"],
             "val_fd_probe": kept.get("fd_probe"), "val_class_accuracy": kept.get("class_accuracy"),
-            "curve": [[p["nimg"], p["fd_probe"]] for p in distill["validation"]["curve"]],
-            "metric": evaluate["metric"], "student_metric": student[evaluate["metric"]],
-            "student_over_best_teacher": evaluate["student_over_best_teacher"],
-            "class_accuracy": evaluate["student_class_accuracy"],
-            "teacher_class_accuracy": evaluate["best_teacher_class_accuracy"]}
+            "curve": [[p["nimg"], p["fd_probe"]] for p in distill.validation["curve"]],
+            "metric": evaluate.metric, "student_metric": student[evaluate.metric],
+            "student_over_best_teacher": evaluate.student_over_best_teacher,
+            "class_accuracy": evaluate.student_class_accuracy,
+            "teacher_class_accuracy": evaluate.best_teacher_class_accuracy}
 
 
 def schedule(cfg: C.Config, asha: bool, concurrency: int) -> TrialSchedule:

@@ -41,16 +41,6 @@ log = logging.getLogger("onestep")
 TENSORBOARD_DIR = "metrics/tensorboard"
 # The files of a finished stage that go to its MLflow and W&B runs: the report, its plots and grids, the logs.
 REPORT_FILES = re.compile(r"^(report\.(html|md)|results\.json|metrics\.jsonl|(plots|grids)/[^/]+\.png)$")
-# stage -> the outputs (dotted paths into its manifest's outputs) a finished run is judged by
-HEADLINE: dict[str, tuple[str, ...]] = {
-    "encode": ("num_samples",),
-    "probe": ("holdout_accuracy",),
-    "teacher": ("metrics.loss",),
-    "pairs": ("num_pairs",),
-    "distill": ("metrics.loss_g", "validation.kept.fd_probe", "validation.kept.class_accuracy"),
-    "evaluate": ("student_over_best_teacher", "student_class_accuracy", "best_teacher_class_accuracy"),
-}
-
 FIXES = {"mlflow": "check tracking.mlflow_uri and that its server is up", "wandb": "check WANDB_API_KEY or set "
          "tracking.wandb_mode=offline", "tensorboard": "check that the storage takes the artifact's files"}
 _dropped: set[str] = set()  # backends that failed in this process: not tried again
@@ -90,8 +80,11 @@ def _lookup(outputs: dict[str, Any], path: str) -> Any:
 
 
 def headline(stage: str, outputs: dict[str, Any]) -> dict[str, float]:
-    """The numbers a finished stage is judged by (`HEADLINE`), those its outputs have."""
-    found = {path: _lookup(outputs, path) for path in HEADLINE.get(stage, ())}
+    """The numbers a finished stage is judged by (its declaration's `headline`), those its outputs have."""
+    from stages import STAGES
+
+    paths = next((s.headline for s in STAGES if s.name == stage), ())
+    found = {path: _lookup(outputs, path) for path in paths}
     return {path: float(v) for path, v in found.items() if isinstance(v, (int, float))}
 
 
@@ -338,9 +331,7 @@ class DagRun:
                    **_model_metrics(manifest["outputs"]), "wall_time_s": float(manifest["wall_time_s"])}
         files = sorted(rel for rel in manifest["files"] if REPORT_FILES.match(rel))
         with tempfile.TemporaryDirectory() as tmp:
-            for rel in files:
-                Path(tmp, rel).parent.mkdir(parents=True, exist_ok=True)
-                Path(tmp, rel).write_bytes(artifact.read_bytes(rel))
+            files = _copy_report_files(artifact, files, tmp)
             if run.mlflow_run:
                 _guarded("mlflow", f"ending the {run.stage} run", self._mlflow_end, run, numbers, tmp)
             if run.wandb_id:
@@ -357,6 +348,23 @@ class DagRun:
         if self.parent:
             _guarded("mlflow", "ending the DAG's run", lambda: _mlflow(
                 self.tracking, self.mlflow_uri).set_terminated(self.parent, status))
+
+
+def _copy_report_files(artifact: store.Artifact, files: list[str], folder: str) -> list[str]:
+    """The committed stage's report files copied into `folder` for its runs; those it cannot read are
+    left out with a warning (the artifact is committed: tracking must not fail the run now)."""
+    copied = []
+    for rel in files:
+        try:
+            data = artifact.read_bytes(rel)
+        except Exception as e:  # a damaged or vanished file, a storage hiccup
+            log.warning("tracking: %s could not be read (%s: %s); the stage's runs go without it (check it with "
+                        "`onestep verify`)", store.redact(artifact.path(rel)), type(e).__name__, store.redact(str(e))[:200])
+            continue
+        Path(folder, rel).parent.mkdir(parents=True, exist_ok=True)
+        Path(folder, rel).write_bytes(data)
+        copied.append(rel)
+    return copied
 
 
 def _wandb_end(run: StageRun, numbers: dict[str, float], folder: str, files: list[str]) -> None:

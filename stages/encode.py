@@ -27,11 +27,9 @@ from pipeline.data.preprocess import CorruptImage
 from pipeline.data.shards import shard_name, write_shard
 from pipeline.data.sources import make_source
 from pipeline.executor import Resources
+from pipeline.outputs import EncodeOutputs
 from pipeline.store import Artifact
 
-VERSION = "3"  # 2: synthetic classes differ by shape only (colour random per image); 3: folders sampled by class
-UPSTREAM: tuple[str, ...] = ()
-PIECEWISE = True  # a rerun makes only the pieces not committed: `onestep run --repair` remakes damaged ones
 PREFIX = "shards/data"
 
 
@@ -111,11 +109,11 @@ def _write_index(artifact: Artifact, pieces: list[dict[str, Any]]) -> None:
     })
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    with artifact.open("index.parquet", "wb") as f:
+    with artifact.open(EncodeOutputs.file("index"), "wb") as f:
         f.write(buf.getvalue())
 
 
-def run(ctx: StageContext, cfg: EncodeConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
+def run(ctx: StageContext, cfg: EncodeConfig, inputs: dict[str, Artifact]) -> EncodeOutputs:
     resources = Resources(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus)
     ctx.executor.check(resources, "encode")
     source = make_source(cfg, ctx.seed)
@@ -140,15 +138,15 @@ def run(ctx: StageContext, cfg: EncodeConfig, inputs: dict[str, Artifact]) -> di
     _write_index(ctx.artifact, pieces)
     counts = Counter(lab for p in pieces for lab in p["labels"])
     down = encoder.downsample
-    return {
-        "num_samples": sum(p["count"] for p in pieces),
-        "num_shards": num_shards,
-        "shards": [shard_name(PREFIX, s) for s in range(num_shards)],
-        "shards_made_this_run": made,
-        "num_classes": source.num_classes,
-        "class_names": list(source.class_names),
-        "class_counts": {str(k): counts[k] for k in sorted(counts)},
-        "shape": [encoder.stored_channels, cfg.resolution // down, cfg.resolution // down],
-        "encoder": encoder_info,
-        "skipped": {"count": len(skipped), "first": skipped[:10]},
-    }
+    return EncodeOutputs(
+        num_samples=sum(p["count"] for p in pieces),
+        num_shards=num_shards,
+        shards=[shard_name(PREFIX, s) for s in range(num_shards)],
+        shards_made_this_run=made,
+        num_classes=source.num_classes,
+        class_names=list(source.class_names),
+        class_counts={str(k): counts[k] for k in sorted(counts)},
+        shape=[encoder.stored_channels, cfg.resolution // down, cfg.resolution // down],
+        encoder=encoder_info,
+        skipped={"count": len(skipped), "first": skipped[:10]},
+    )

@@ -3,7 +3,7 @@
     onestep run --config ci --until phema --storage /tmp/onestep
 
 Each variant is a weighted sum of the teacher's EMA snapshots taken at or before `phema.nimg`
-(papers.md, "Power-function EMA and post-hoc reconstruction"). A task streams the snapshots
+(docs/algorithms.md, "Power-function EMA and post-hoc EMA"). A task streams the snapshots
 once for a group of targets, so it holds about (targets + 1) models in memory; each variant
 commits alone (file, then marker), so a rerun after a crash makes only the missing ones.
 Load one with `weights.load_network(artifact, "network", weights=variant["file"])`. The snapshots
@@ -25,13 +25,11 @@ from pipeline.config import PhemaConfig
 from pipeline.dag import StageContext
 from pipeline.diffusion.phema import reconstruct, solve_coefficients
 from pipeline.executor import Resources
+from pipeline.outputs import PhemaOutputs, TeacherOutputs, Variant
 from pipeline.store import Artifact
 from pipeline.weights import read_weights, weights_bytes
-from pipeline.models import edm2_release
+from pipeline.models import edm2_import
 
-VERSION = "1"
-UPSTREAM = ("teacher",)
-PIECEWISE = True  # a rerun makes only the pieces not committed: `onestep run --repair` remakes damaged ones
 
 
 def variant_name(sigma_rel: float) -> str:
@@ -79,7 +77,7 @@ def select_snapshots(snapshots: list[dict[str, Any]], nimg: int) -> tuple[int, l
 
 
 def coefficients(used: list[dict[str, Any]], nimg: int, sigma_rels: tuple[float, ...]) -> np.ndarray:
-    """[n_used, n_targets] snapshot weights of each target profile at time nimg (papers.md: A X = B)."""
+    """[n_used, n_targets] snapshot weights of each target profile at time nimg (EDM2, Algorithm 3: A X = B)."""
     names = [variant_name(s) for s in sigma_rels]
     if len(set(names)) != len(names):
         raise ValueError(f"phema.sigma_rels {list(sigma_rels)} name the same file twice "
@@ -99,7 +97,7 @@ def coefficients(used: list[dict[str, Any]], nimg: int, sigma_rels: tuple[float,
 def _snapshot_stream(urls: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
     """Each snapshot read only when reconstruct asks for the next one (an EDM2 .pkl or onestep's file)."""
     for url in urls:
-        yield edm2_release.snapshot_state(url) if url.endswith(".pkl") else read_weights(url)
+        yield edm2_import.snapshot_state(url) if url.endswith(".pkl") else read_weights(url)
 
 
 def _pending(artifact: Artifact, targets: list[Target]) -> list[Target]:
@@ -129,20 +127,21 @@ def released_variant(artifact: Artifact, cfg: PhemaConfig, teacher: Artifact, re
                          f"is: set phema.sigma_rels=[{sigma_rel}] (and pairs.sigma_rel={sigma_rel}), or give "
                          "teacher.source=edm2-snapshots a folder of raw snapshots to reconstruct others")
     if not artifact.piece_done(piece_name(sigma_rel)):
-        with teacher.open("network.safetensors") as src, artifact.open(variant_name(sigma_rel), "wb") as dst:
+        with teacher.open(TeacherOutputs.file("network")) as src, artifact.open(variant_name(sigma_rel), "wb") as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
         artifact.commit_piece(piece_name(sigma_rel), {"sigma_rel": sigma_rel, "file": variant_name(sigma_rel),
                                                       "nimg": release["nimg"]}, files=[variant_name(sigma_rel)])
-    return {"variants": [artifact.read_piece(piece_name(sigma_rel))], "nimg": release["nimg"], "snapshots_used": []}
+    return {"variants": [Variant(**artifact.read_piece(piece_name(sigma_rel)))], "nimg": release["nimg"],
+            "snapshots_used": []}
 
 
-def run(ctx: StageContext, cfg: PhemaConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
-    teacher = inputs["teacher"].manifest()["outputs"]
-    if teacher.get("source") == "edm2-release":
-        ctx.artifact.write_json("network.json", teacher["network"])
-        return {**released_variant(ctx.artifact, cfg, inputs["teacher"], teacher["release"]),
-                "network": teacher["network"], "made_this_run": []}
-    nimg, used = select_snapshots(teacher["snapshots"], cfg.nimg)
+def run(ctx: StageContext, cfg: PhemaConfig, inputs: dict[str, Artifact]) -> PhemaOutputs:
+    teacher = TeacherOutputs.read(inputs["teacher"])
+    if teacher.source == "edm2-release":
+        ctx.artifact.write_json(PhemaOutputs.file("config"), teacher.network)
+        return PhemaOutputs(**released_variant(ctx.artifact, cfg, inputs["teacher"], teacher.release),
+                            network=teacher.network, made_this_run=[])
+    nimg, used = select_snapshots(teacher.snapshots, cfg.nimg)
     x = coefficients(used, nimg, cfg.sigma_rels)
     resources = Resources(num_cpus=cfg.num_cpus)
     ctx.executor.check(resources, "phema")
@@ -154,11 +153,7 @@ def run(ctx: StageContext, cfg: PhemaConfig, inputs: dict[str, Artifact]) -> dic
     job = PhemaJob(ctx.artifact, urls, nimg)
     groups = [todo[i:i + cfg.targets_per_task] for i in range(0, len(todo), cfg.targets_per_task)]
     made = ctx.map(partial(make_variants, job), groups, resources, desc="phema")
-    ctx.artifact.write_json("network.json", teacher["network"])
-    return {
-        "variants": [ctx.artifact.read_piece(piece_name(t.sigma_rel)) for t in targets],
-        "nimg": nimg,
-        "network": teacher["network"],
-        "snapshots_used": used,
-        "made_this_run": [s for group in made for s in group],
-    }
+    ctx.artifact.write_json(PhemaOutputs.file("config"), teacher.network)
+    return PhemaOutputs(variants=[Variant(**ctx.artifact.read_piece(piece_name(t.sigma_rel))) for t in targets],
+                        nimg=nimg, network=teacher.network, snapshots_used=used,
+                        made_this_run=[s for group in made for s in group])

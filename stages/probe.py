@@ -33,12 +33,11 @@ from pipeline.data.split import write_split
 from pipeline.executor import Resources
 from pipeline.metrics.fid import FeatureStats
 from pipeline.metrics.probe import ProbeNet, ProbeTraining, embed, holdout_mask, to_input, train_probe
+from pipeline.outputs import EncodeOutputs, ProbeOutputs
 from pipeline.store import Artifact
 from pipeline.seeds import mix_seed
 from pipeline.weights import weights_bytes
 
-VERSION = "1"
-UPSTREAM = ("encode",)
 
 
 @dataclass(frozen=True)
@@ -117,13 +116,13 @@ def train_task(job: TrainJob, data: dict[str, np.ndarray]) -> dict[str, Any]:
 
 
 def _selected(encode: Artifact, num_images: int) -> pa.Table:
-    table = pq.read_table(io.BytesIO(encode.read_bytes("index.parquet")), columns=["key", "shard", "label"])
+    table = pq.read_table(io.BytesIO(encode.read_bytes(EncodeOutputs.file("index"))), columns=["key", "shard", "label"])
     return table.slice(0, num_images or len(table))
 
 
-def _check_labels(encode_outputs: dict[str, Any]) -> None:
-    present = [c for c, n in encode_outputs["class_counts"].items() if n > 0]
-    if encode_outputs["num_classes"] < 2 or len(present) < 2:
+def _check_labels(encode: EncodeOutputs) -> None:
+    present = [c for c, n in encode.class_counts.items() if n > 0]
+    if encode.num_classes < 2 or len(present) < 2:
         raise ValueError(
             f"probe: the dataset has {len(present)} class(es) with images, but the probe is a classifier: it "
             "needs labels of at least 2 classes. Encode a labelled dataset (encode.source=imagefolder with "
@@ -134,10 +133,11 @@ def _decode(ctx: StageContext, cfg: ProbeConfig, encode: Artifact, resolution: i
     """Every selected sample decoded to probe inputs, in dataset-index order, with its holdout flag."""
     table = _selected(encode, cfg.num_images)
     indices, shards = np.array(table.column("key").to_pylist(), np.int64), table.column("shard").to_numpy()
-    names = encode.manifest()["outputs"]["shards"]
-    items = [(encode.path(names[s]), int(s), frozenset(indices[shards == s].tolist())) for s in np.unique(shards)]
+    outputs = EncodeOutputs.read(encode)
+    urls = outputs.shard_urls(encode)
+    items = [(urls[s], int(s), frozenset(indices[shards == s].tolist())) for s in np.unique(shards)]
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
-    job = DecodeJob(encode.manifest()["outputs"]["encoder"], resolution, ctx.seed, device)
+    job = DecodeJob(outputs.encoder, resolution, ctx.seed, device)
     parts = ctx.map(partial(decode_shard, job), items, Resources(cfg.num_cpus, cfg.num_gpus), desc="probe data")
     shard_of = [np.full(len(p["index"]), s, np.int64) for p, (_, s, _) in zip(parts, items)]
     data = {k: np.concatenate([p[k] for p in parts]) for k in ("index", "position", "label", "x")}
@@ -148,28 +148,27 @@ def _decode(ctx: StageContext, cfg: ProbeConfig, encode: Artifact, resolution: i
     return data
 
 
-def run(ctx: StageContext, cfg: ProbeConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
+def run(ctx: StageContext, cfg: ProbeConfig, inputs: dict[str, Artifact]) -> ProbeOutputs:
     if not cfg.enabled:
         ctx.log.warning("probe: disabled (probe.enabled=false): evaluate reports no probe metrics")
-        return {"enabled": False}
+        return ProbeOutputs(enabled=False)
     resources = Resources(cfg.num_cpus, cfg.num_gpus)
     ctx.executor.check(resources, "probe")
-    encode = inputs["encode"].manifest()["outputs"]
+    encode = EncodeOutputs.read(inputs["encode"])
     _check_labels(encode)
-    resolution = cfg.resolution or encode["shape"][-1] * encode["encoder"]["downsample"]
+    resolution = cfg.resolution or encode.shape[-1] * encode.encoder["downsample"]
     data = _decode(ctx, cfg, inputs["encode"], resolution)
     held, train = int(data["holdout"].sum()), int((~data["holdout"]).sum())
     if held < 1 or train < 2:
         raise ValueError(f"probe: {train} training and {held} held-out images: encode more images or change "
                          f"probe.holdout ({cfg.holdout}) or probe.num_images ({cfg.num_images})")
     ctx.log.info("probe: %d training and %d held-out images at %d px, %d classes", train, held, resolution,
-                 encode["num_classes"])
+                 encode.num_classes)
     write_split(ctx.artifact, data)
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
-    job = TrainJob(ctx.artifact, cfg, encode["num_classes"], resolution, ctx.seed, device)
+    job = TrainJob(ctx.artifact, cfg, encode.num_classes, resolution, ctx.seed, device)
     [result] = ctx.map(partial(train_task, job), [{k: data[k] for k in ("x", "label", "holdout")}], resources,
                        desc="probe")
     ctx.log.info("probe: held-out accuracy %.4f (training %.4f)", result["holdout_accuracy"], result["train_accuracy"])
-    return {"enabled": True, "num_classes": encode["num_classes"], "resolution": resolution,
-            "train_images": train, "holdout_images": held, "feature_dim": cfg.feature_dim,
-            "chance_accuracy": 1 / encode["num_classes"], **result}
+    return ProbeOutputs(enabled=True, num_classes=encode.num_classes, resolution=resolution, train_images=train,
+                        holdout_images=held, feature_dim=cfg.feature_dim, chance_accuracy=1 / encode.num_classes, **result)

@@ -28,15 +28,14 @@ from pipeline.dag import StageContext
 from pipeline.data.encoders import decode_images, encoder_from_info
 from pipeline.data.shards import reader
 from pipeline.executor import Resources
+from pipeline.outputs import EncodeOutputs, RefstatsOutputs
 from pipeline.metrics.features import DOWNLOAD, NETWORKS, SETTING, load_network, metric_name, worker_network
 from pipeline.metrics.dinov2 import DINOV2_DIM
 from pipeline.metrics.fid import FEATURE_DIM, FeatureStats
-from pipeline.models import edm2_release
+from pipeline.models import unpickle
 from pipeline.store import Artifact
 from pipeline.seeds import mix_seed
 
-VERSION = "2"  # 2: several networks (Inception, DINOv2), each where its weights can be had
-UPSTREAM = ("encode",)
 
 
 @dataclass(frozen=True)
@@ -81,14 +80,15 @@ def shard_limits(counts: list[int], num_images: int) -> list[int]:
 
 
 def _shard_counts(encode: Artifact, num_shards: int) -> list[int]:
-    shards = pq.read_table(io.BytesIO(encode.read_bytes("index.parquet")), columns=["shard"]).column("shard").to_numpy()
+    index = encode.read_bytes(EncodeOutputs.file("index"))
+    shards = pq.read_table(io.BytesIO(index), columns=["shard"]).column("shard").to_numpy()
     return np.bincount(shards, minlength=num_shards).tolist()
 
 
 def _shard_items(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact) -> list[tuple[str, int, int, int]]:
     """(shard URL, shard index, start, stop): ranges of at most `images_per_task` samples."""
-    shards = encode.manifest()["outputs"]["shards"]
-    counts = _shard_counts(encode, len(shards))
+    urls = EncodeOutputs.read(encode).shard_urls(encode)
+    counts = _shard_counts(encode, len(urls))
     limits = shard_limits(counts, cfg.num_images)
     if sum(limits) < 2:
         raise ValueError(f"refstats needs at least 2 images, the encode artifact gives {sum(limits)}: "
@@ -96,8 +96,7 @@ def _shard_items(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact) -> li
     if cfg.num_images > sum(counts):
         ctx.log.warning("refstats: num_images=%d but the dataset has %d: using all", cfg.num_images, sum(counts))
     step = cfg.images_per_task
-    return [(encode.path(name), s, lo, min(lo + step, n))
-            for s, (name, n) in enumerate(zip(shards, limits)) for lo in range(0, n, step)]
+    return [(url, s, lo, min(lo + step, n)) for s, (url, n) in enumerate(zip(urls, limits)) for lo in range(0, n, step)]
 
 
 def dataset_stats(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact,
@@ -105,7 +104,7 @@ def dataset_stats(ctx: StageContext, cfg: RefstatsConfig, encode: Artifact,
     """Per network, merged feature statistics of the first `cfg.num_images` samples, in tasks of shard ranges."""
     items = _shard_items(ctx, cfg, encode)
     device = "cuda" if cfg.num_gpus > 0 else "cpu"
-    job = ShardJob(encode.manifest()["outputs"]["encoder"], networks, cfg.batch, device, ctx.seed)
+    job = ShardJob(EncodeOutputs.read(encode).encoder, networks, cfg.batch, device, ctx.seed)
     ctx.log.info("refstats: %d images in %d tasks (%s)", sum(stop - start for _, _, start, stop in items), len(items),
                  ", ".join(networks))
     results = ctx.map(partial(shard_stats, job), items, Resources(cfg.num_cpus, cfg.num_gpus), desc="refstats")
@@ -128,7 +127,7 @@ def read_stats(url: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
 
     try:
         if url.lower().endswith(".pkl"):
-            refs = edm2_release.load(url)
+            refs = unpickle.load(url)
             found = {name: refs[key] for name, key in EDM2_REFS.items() if isinstance(refs, dict) and key in refs}
             names = sorted(refs) if isinstance(refs, dict) else type(refs).__name__
         else:
@@ -181,7 +180,7 @@ def choose_networks(cfg: RefstatsConfig, log: Any, published: frozenset[str] = f
     return chosen, skipped
 
 
-def run(ctx: StageContext, cfg: RefstatsConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
+def run(ctx: StageContext, cfg: RefstatsConfig, inputs: dict[str, Artifact]) -> RefstatsOutputs:
     ctx.executor.check(Resources(cfg.num_cpus, cfg.num_gpus), "refstats")
     published = read_stats(cfg.stats) if cfg.stats else {}
     chosen, skipped = choose_networks(cfg, ctx.log, frozenset(published))
@@ -200,4 +199,4 @@ def run(ctx: StageContext, cfg: RefstatsConfig, inputs: dict[str, Artifact]) -> 
                           "random": bool(getattr(net, "random", False))}
         if networks[name]["random"]:
             ctx.log.warning("refstats: random-weight Inception: statistics for %s, not FID", networks[name]["metric_name"])
-    return {"networks": networks, "skipped": skipped}
+    return RefstatsOutputs(networks=networks, skipped=skipped)

@@ -4,7 +4,7 @@
 
 The classes below have EDM2's class names, constructor arguments and attribute, parameter and buffer
 names, so that their state_dict names, nesting, dtypes and persistence records are a real file's. Their
-forward computes EDM2's documented math (docs/papers.md) with those names: a reference written apart from
+forward computes EDM2's documented math (docs/algorithms.md) with those names: a reference written apart from
 pipeline/models/edm2.py. Written from EDM2's published structure; no line of its code is copied.
 """
 
@@ -47,7 +47,7 @@ def persistent(cls: type) -> type:
     return cls
 
 
-# --- magnitude-preserving math (papers.md, "Magnitude-preserving (MP) primitives") ----------------
+# --- magnitude-preserving math (docs/algorithms.md, "Magnitude-preserving layers") -------------------
 
 def normalize(x: torch.Tensor, dim: Any = None, eps: float = 1e-4) -> torch.Tensor:
     dim = tuple(range(1, x.ndim)) if dim is None else dim
@@ -220,7 +220,7 @@ class Precond(nn.Module):
 
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, class_labels: torch.Tensor | None = None,
                 return_logvar: bool = False) -> Any:
-        """D(x, sigma) (papers.md, "Preconditioning"); class_labels one-hot [B, label_dim], None = zeros."""
+        """D(x, sigma) (docs/algorithms.md, "Network and preconditioning"); class_labels one-hot, None = 0."""
         x, sigma = x.float(), sigma.float().reshape(-1, 1, 1, 1)
         if self.label_dim:
             class_labels = torch.zeros(1, self.label_dim) if class_labels is None else class_labels.float()
@@ -271,7 +271,7 @@ def _module(name: str, **members: Any) -> types.ModuleType:
 
 
 def _reconstruct_persistent_obj(meta: dict[str, Any]) -> Any:  # the global EDM2's records call
-    raise AssertionError("these files are read by pipeline.models.edm2_release, which never calls it")
+    raise AssertionError("these files are read by pipeline.models.unpickle, which never calls it")
 
 
 class EasyDict(dict):

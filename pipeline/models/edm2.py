@@ -1,8 +1,9 @@
-"""EDM2 magnitude-preserving UNet and its preconditioned denoiser (papers.md, "EDM2").
+"""EDM2 magnitude-preserving UNet and its preconditioned denoiser (EDM2, Karras et al. 2024).
 
 Pure architecture, no I/O. `build_denoiser` is the entry point; the returned `Denoiser`
 maps `(x, sigma, labels) -> x0` with labels as class indices, and exposes the learned
-uncertainty `u(sigma)`. Written from the formulas in docs/papers.md.
+uncertainty `u(sigma)`. Its formulas: docs/algorithms.md, "Magnitude-preserving layers" and
+"Network and preconditioning".
 """
 
 import dataclasses
@@ -16,7 +17,7 @@ from torch import nn
 SIGMA_DATA = 0.5
 
 
-# --- Magnitude-preserving primitives (papers.md, "Magnitude-preserving (MP) primitives") ---
+# --- Magnitude-preserving primitives (docs/algorithms.md, "Magnitude-preserving layers") ---
 
 
 def normalize(
@@ -100,7 +101,7 @@ class MPConv(nn.Module):
         return F.conv2d(x, w, padding=w.shape[-1] // 2)
 
 
-# --- UNet (papers.md, "Block" and "UNet") ---
+# --- UNet (docs/algorithms.md, "Network and preconditioning"; EDM2, Figure 21) ---
 
 
 class Block(nn.Module):
@@ -262,7 +263,7 @@ class UNet(nn.Module):
         return (out, features) if return_features else out
 
 
-# --- Preconditioning (papers.md, "Preconditioning") ---
+# --- Preconditioning (docs/algorithms.md, "Network and preconditioning") ---
 
 
 class Denoiser(nn.Module):
@@ -317,7 +318,7 @@ class Denoiser(nn.Module):
         return self.u_linear(self.u_fourier(c_noise)).reshape(-1)
 
 
-# --- Presets (papers.md, "Presets") and the factory ---
+# --- Presets (docs/algorithms.md, "Network and preconditioning") and the factory ---
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ TINY = [*DISTILL_TINY, "teacher.batch=8", "distill.duration_nimg=16", "distill.c
         "distill.val_every_nimg=8", "distill.val_images=8", "distill.val_batch=8", "distill.keep=best",
         "probe.epochs=1", "probe.holdout=0.5", "refstats.num_images=16", "eval.num_images=8", "eval.num_steps=2",
         "eval.grid_rows=2", "eval.grid_columns=2", "eval.images_per_task=8", "eval.batch=8", "executor=inline"]
-STAGES = list(dag.STAGE_MODULES)
+STAGES = list(dag.graph())
 
 
 def _free_port() -> int:

@@ -13,6 +13,7 @@ from pipeline import dag, store
 from pipeline.diffusion.phema import solve_coefficients
 from pipeline.executor import InlineExecutor, Resources
 from pipeline.weights import load_network, read_weights
+from pipeline.stage import Stage
 from stages import phema as P
 
 # 8 steps of 4 images; both EMAs (0.05, 0.10) snapshotted every 8 images: 4 times, 8 snapshots.
@@ -34,8 +35,8 @@ class RecordingExecutor(InlineExecutor):
         return super().map(fn, items, resources, desc)
 
 
-def _nodes() -> dict[str, dag.Node]:
-    return {**dag.graph(), "phema": dag.Node("phema", "stages.phema", P.UPSTREAM, P.VERSION)}
+def _nodes() -> dict[str, Stage]:
+    return dag.graph()
 
 
 def _cfg(storage: str, *extra: str) -> C.Config:

@@ -18,7 +18,7 @@ from pipeline import config as C
 from pipeline.diffusion.phema import solve_coefficients
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import InlineExecutor
-from pipeline.models.edm2_release import onestep_name
+from pipeline.models.edm2_import import onestep_name
 from pipeline.weights import load_network, read_weights
 from stages.pairs import read_pairs
 

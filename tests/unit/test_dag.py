@@ -1,7 +1,7 @@
 """The DAG's caching rules on a three-stage graph of small fake stages (a -> b -> c, a -> c)."""
 
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import SimpleNamespace
 
 import pytest
@@ -10,6 +10,7 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.config import throughput
 from pipeline.executor import InlineExecutor
+from pipeline.stage import DRIVER, Stage
 
 @dataclass(frozen=True)
 class Section:
@@ -30,7 +31,7 @@ class FakeConfig:
     b: Section = field(default_factory=Section)
     c: Section = field(default_factory=Section)
 
-def _nodes(calls: list[str]) -> dict[str, dag.Node]:
+def _nodes(calls: list[str]) -> dict[str, Stage]:
     def stage(name):
         def run(ctx, cfg, inputs):
             calls.append(name)
@@ -41,7 +42,7 @@ def _nodes(calls: list[str]) -> dict[str, dag.Node]:
         return run
 
     upstream = {"a": (), "b": ("a",), "c": ("a", "b")}
-    return {n: dag.Node(n, SimpleNamespace(run=stage(n)), up, "1") for n, up in upstream.items()}
+    return {n: Stage(n, "1", n, up, DRIVER, stage(n)) for n, up in upstream.items()}
 
 @pytest.fixture
 def env():
@@ -144,7 +145,7 @@ def test_every_stage_is_checked_against_the_cluster_before_the_first_starts(sett
 def test_a_conditional_upstream_is_read_and_keyed_only_when_its_condition_holds(env):
     calls: list[str] = []
     nodes = _nodes(calls)
-    nodes["c"] = dag.Node("c", nodes["c"].module, ("a", "b"), "1", upstream_if={"b": ("value", 2)})
+    nodes["c"] = replace(nodes["c"], upstream_if={"b": ("value", 2)})
     without, with_b = env.cfg, FakeConfig(env.cfg.storage, c=Section(value=2))
     plan = dag.run(without, until="c", executor=InlineExecutor(), nodes=nodes)
     assert calls == ["a", "c"] and plan.selected == ["a", "c"]  # b is neither made nor read

@@ -11,7 +11,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from pipeline import config as C
 from pipeline import dag, store, tracking
+from pipeline.executor import InlineExecutor
+from pipeline.stage import DRIVER, Stage
 from pipeline.training import MetricsLog
+from test_dag import FakeConfig
 
 ROW = {"nimg": 8, "loss": 0.5, "loss_by_sigma": {"0-0.1": 0.25, "10.0-inf": 2.0}, "lr": 0.01, "diverged": "no"}
 
@@ -85,3 +88,52 @@ def test_a_tracking_server_that_stops_answering_mid_run_costs_one_warning_line(t
     assert "tracking: mlflow failed while logging distill's metrics" in warnings[0]
     assert "check tracking.mlflow_uri" in warnings[0]
     assert (tmp_path / "distill" / "0123456789abcdef" / tracking.event_file(0)).exists()  # TensorBoard goes on
+
+
+def _failing_dag(calls: list[str]) -> dict[str, Stage]:
+    """a -> b -> c where b raises after a has been committed."""
+    def run(name):
+        def stage(ctx, cfg, inputs):
+            calls.append(name)
+            if name == "b":
+                raise ValueError("b broke")
+            with ctx.artifact.open("report.md", "wb") as f:
+                f.write(b"# a report")
+            return {"total": 1}
+        return stage
+    return {n: Stage(n, "1", n, up, DRIVER, run(n)) for n, up in {"a": (), "b": ("a",), "c": ("b",)}.items()}
+
+
+def test_a_failed_stage_ends_its_mlflow_run_failed_and_the_dag_run_too(tmp_path, fresh):
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    cfg = FakeConfig(storage=str(tmp_path / "store"), tracking=C.TrackingConfig(
+        backends=("mlflow",), mlflow_uri=uri, experiment="failing"))
+    calls: list[str] = []
+    with pytest.raises(ValueError, match="b broke"):
+        dag.run(cfg, executor=InlineExecutor(), nodes=_failing_dag(calls))
+    assert calls == ["a", "b"]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("failing").experiment_id])
+    status = {r.info.run_name.split("-")[0]: r.info.status for r in runs}
+    assert status == {"a": "FINISHED", "b": "FAILED", "fake": "FAILED"}  # fake: the DAG run, named by its preset
+
+
+def test_a_report_file_that_cannot_be_read_after_the_commit_costs_a_warning_not_the_run(tmp_path, fresh, caplog,
+                                                                                       monkeypatch):
+    cfg = FakeConfig(storage=str(tmp_path / "store"), tracking=C.TrackingConfig(
+        backends=("mlflow",), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="unreadable"))
+    real = store.Artifact.read_bytes
+
+    def unreadable(self, rel):
+        if rel == "report.md":
+            raise OSError("the storage hiccuped")
+        return real(self, rel)
+
+    monkeypatch.setattr(store.Artifact, "read_bytes", unreadable)
+    nodes = {"a": _failing_dag([])["a"]}
+    with caplog.at_level(logging.WARNING, logger="onestep"):
+        plan = dag.run(cfg, executor=InlineExecutor(), nodes=nodes)
+    assert store.Store(cfg.storage).artifact("a", plan.keys["a"]).state() == "done"
+    assert any("report.md could not be read" in r.getMessage() for r in caplog.records)

@@ -15,7 +15,8 @@ import torch
 import edm2_files as E
 from pipeline import cli
 from pipeline.data.encoders import RAW_MEAN, RAW_STD
-from pipeline.models import edm2_release as R
+from pipeline.models import edm2_import as R
+from pipeline.models import unpickle as U
 from pipeline.models.edm2 import build_denoiser
 from pipeline.weights import read_weights
 
@@ -27,25 +28,25 @@ def test_an_edm2_snapshot_reads_as_records_without_running_its_code(protocol, tm
     net = E.precond(0)
     data = E.snapshot(net, loss_fn=E.EDM2Loss(P_mean=-0.8, P_std=1.6))
     monkeypatch.chdir(tmp_path)
-    top = R.loads(E.dumps(data, protocol, module_src=PAYLOAD))
+    top = U.loads(E.dumps(data, protocol, module_src=PAYLOAD))
     assert not (tmp_path / "PWNED").exists()  # the records' source was never run
-    assert isinstance(top, R.EasyDict) and sorted(top) == ["dataset_kwargs", "ema", "encoder", "loss_fn"]
+    assert isinstance(top, U.EasyDict) and sorted(top) == ["dataset_kwargs", "ema", "encoder", "loss_fn"]
     assert top.dataset_kwargs == {"class_name": "training.dataset.ImageFolderDataset", "path": "datasets/img16.zip",
                                   "use_labels": True}
     assert (top.encoder.class_name, top.encoder.state) == ("StandardRGBEncoder", {"_init_args": (), "_init_kwargs": {}})
     assert top.loss_fn.class_name == "EDM2Loss" and top.loss_fn.init_kwargs == {"P_mean": -0.8, "P_std": 1.6}
     assert top.ema.class_name == "Precond" and top.ema.module_src == PAYLOAD and top.ema.init_args == ()
     assert top.ema.init_kwargs == {"img_resolution": 16, "img_channels": 3, "label_dim": 10, "use_fp16": True, **E.TINY}
-    assert isinstance(top.ema.state["_modules"]["unet"].state["_modules"]["enc"], R.TorchModule)  # a ModuleDict
-    got, expected = R.tensors(top.ema), data["ema"].state_dict()
+    assert isinstance(top.ema.state["_modules"]["unet"].state["_modules"]["enc"], U.TorchModule)  # a ModuleDict
+    got, expected = U.tensors(top.ema), data["ema"].state_dict()
     assert got.keys() == expected.keys()
     for name, value in expected.items():
         assert got[name].dtype == torch.float16 and torch.equal(got[name], value), name
 
 
 def test_every_edm2_tensor_lands_in_onesteps_network_and_every_onestep_tensor_comes_from_the_file():
-    record = R.loads(E.dumps(E.snapshot(E.precond(0))))["ema"]
-    theirs = R.tensors(record)
+    record = U.loads(E.dumps(E.snapshot(E.precond(0))))["ema"]
+    theirs = U.tensors(record)
     assert {"unet.emb_fourier.freqs", "unet.emb_fourier.phases", "logvar_fourier.freqs", "logvar_fourier.phases",
             "logvar_linear.weight", "unet.out_gain", "unet.emb_label.weight", "unet.enc.16x16_conv.weight",
             "unet.enc.8x8_down.emb_gain", "unet.dec.8x8_in0.attn_qkv.weight", "unet.dec.16x16_block1.conv_skip.weight",
@@ -114,7 +115,7 @@ ENCODE_VAE = {"name": "vae", "raw_mean": list(RAW_MEAN), "raw_std": list(RAW_STD
     (E.StabilityVAEEncoder(vae_name="stabilityai/sd-vae-ft-ema"), "trained on latents of the VAE stabilityai/sd-vae-ft-ema"),
     (E.StandardRGBEncoder(), "trained on StandardRGBEncoder data")])
 def test_the_encoder_record_is_checked_against_the_encode_artifact(encoder, named):
-    top = R.loads(E.dumps(E.snapshot(E.precond(0, img_channels=4), encoder=encoder)))
+    top = U.loads(E.dumps(E.snapshot(E.precond(0, img_channels=4), encoder=encoder)))
     if named is None:
         R.check_encoder(top, {"encoder": ENCODE_VAE}, "x.pkl")
     else:
@@ -142,12 +143,12 @@ class Unknown:
 
 @pytest.mark.parametrize("payload,named", [(RunsCode(), "refused posix.system|refused os.system"),
                                            (Evaluates(), "refused builtins.eval"),
-                                           (Unknown(), "refused tests.unit.test_edm2_release.Unknown|refused test_edm2_release.Unknown")])
+                                           (Unknown(), "refused tests.unit.test_edm2_import.Unknown|refused test_edm2_import.Unknown")])
 def test_any_other_global_is_refused_without_running_it(payload, named, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     data = pickle.dumps({"ema": torch.zeros(2), "payload": payload}, protocol=4)
-    with pytest.raises(R.UnsafePickleError, match=named):
-        R.loads(data)
+    with pytest.raises(U.UnsafePickleError, match=named):
+        U.loads(data)
     assert not (tmp_path / "PWNED").exists()
 
 
@@ -163,13 +164,13 @@ def test_a_nested_storage_is_read_restricted_too(tmp_path, monkeypatch):
             import torch.storage
             return torch.storage._load_from_bytes, (inner.getvalue(),)
 
-    with pytest.raises(R.UnsafePickleError, match="nested torch storage"):
-        R.loads(pickle.dumps(TorchLoadFromBytes(), protocol=4))
+    with pytest.raises(U.UnsafePickleError, match="nested torch storage"):
+        U.loads(pickle.dumps(TorchLoadFromBytes(), protocol=4))
     assert not (tmp_path / "PWNED").exists()
     ok = io.BytesIO()
     torch.save(torch.arange(3.0), ok)
     good = type("Good", (), {"__reduce__": lambda self: (__import__("torch.storage").storage._load_from_bytes, (ok.getvalue(),))})
-    torch.testing.assert_close(R.loads(pickle.dumps(good(), protocol=4)), torch.arange(3.0))
+    torch.testing.assert_close(U.loads(pickle.dumps(good(), protocol=4)), torch.arange(3.0))
 
 
 def test_a_truncated_file_is_a_clear_error(tmp_path):
@@ -177,7 +178,7 @@ def test_a_truncated_file_is_a_clear_error(tmp_path):
     path = tmp_path / "edm2-img64-s-1073741-0.075.pkl"
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"edm2-img64-s-1073741-0.075.pkl is not a complete EDM2 pickle.*download it again"):
-        R.load(str(path))
+        U.load(str(path))
 
 
 def test_import_edm2_refuses_a_file_that_runs_code(tmp_path, capsys, monkeypatch):
