@@ -1,4 +1,4 @@
-"""Encoders between uint8 images and what is stored and trained on (papers.md, "Data and encoders").
+"""Encoders between uint8 images and what is stored and trained on (docs/algorithms.md, "Latent encoding").
 
 Stored: float16 [B, stored_channels, H/d, W/d] in the shards. Model space: float32
 [B, model_channels, h, w], what the diffusion model sees. Pixels: `x/127.5 - 1`.

@@ -1,4 +1,4 @@
-"""Image decoding, conversion to RGB and the ADM centre crop (papers.md, "Data and encoders")."""
+"""Image decoding, conversion to RGB and the ADM centre crop (docs/algorithms.md, "Image preprocessing")."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """EDM2 denoising loss with learned uncertainty, and the optional Min-SNR-gamma weighting.
 
-papers.md, "EDM2 / Loss and optimisation" and "Min-SNR-gamma". `net` is any denoiser with
+docs/algorithms.md, "EDM2 loss and learned uncertainty" and "Min-SNR-gamma weighting". `net` is any denoiser with
 `net(x, sigma, labels) -> x0`, `net.u(sigma) -> [B]` and a `sigma_data` attribute.
 """
 

@@ -1,4 +1,4 @@
-"""Power-function EMA and post-hoc EMA reconstruction (EDM2; papers.md, "Power-function EMA").
+"""Power-function EMA and post-hoc EMA reconstruction (docs/algorithms.md, "Power-function EMA and post-hoc EMA").
 
 Times are counted in images. `PowerFunctionEMA` averages every floating-point entry of a
 module's `state_dict()` (parameters and float buffers), so `ema_state(sigma_rel)` can be
@@ -14,7 +14,7 @@ SIGMA_REL_MAX = float(np.sqrt(1.0 / 12.0))  # sigma_rel at gamma = 0
 
 
 def gamma_to_sigma_rel(gamma: float) -> float:
-    """Relative std of the power-function profile with exponent gamma (papers.md)."""
+    """Relative std of the power-function profile with exponent gamma (EDM2, Eq. 123)."""
     if gamma < 0:
         raise ValueError(f"gamma must be >= 0, got {gamma}")
     return float(np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))))
@@ -25,13 +25,13 @@ def sigma_rel_to_gamma(sigma_rel: float) -> float:
     if not 0 < sigma_rel <= SIGMA_REL_MAX:
         raise ValueError(f"sigma_rel must be in (0, {SIGMA_REL_MAX:.4f}], got {sigma_rel}")
     s2 = sigma_rel**-2
-    # g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) = 0 (papers.md)
+    # g^3 + 7g^2 + (16 - s^-2) g + (12 - s^-2) = 0 (EDM2, Eq. 126)
     roots = np.roots([1.0, 7.0, 16.0 - s2, 12.0 - s2])
     return max(float(roots[np.isreal(roots)].real.max()), 0.0)
 
 
 def _inner(t_a: np.ndarray, g_a: np.ndarray, t_b: np.ndarray, g_b: np.ndarray) -> np.ndarray:
-    """Closed-form <p_a, p_b> of power-function profiles on [0, t] (papers.md); broadcasts."""
+    """Closed-form <p_a, p_b> of power-function profiles on [0, t] (EDM2, Eq. 151); broadcasts."""
     e = np.where(t_a < t_b, g_b, -g_a)
     num = (g_a + 1) * (g_b + 1) * (t_a / t_b) ** e
     return num / ((g_a + g_b + 1) * np.maximum(t_a, t_b))
@@ -53,7 +53,7 @@ def solve_coefficients(
     g_out = np.array([sigma_rel_to_gamma(s) for s in out_sigma_rel])
     gram = _inner(t_in[:, None], g_in[:, None], t_in[None, :], g_in[None, :])  # [n_in, n_in]
     rhs = _inner(t_in[:, None], g_in[:, None], t_out[None, :], g_out[None, :])  # [n_in, n_out]
-    x = np.linalg.lstsq(gram, rhs, rcond=None)[0]  # solve A X = B (papers.md)
+    x = np.linalg.lstsq(gram, rhs, rcond=None)[0]  # solve A X = B (EDM2, Algorithm 3)
     return x / x.sum(axis=0, keepdims=True)
 
 
@@ -62,7 +62,7 @@ def _float_state(net: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class PowerFunctionEMA:
-    """EMAs of a module's float state for several sigma_rels, updated in images (papers.md)."""
+    """EMAs of a module's float state for several sigma_rels, updated in images (EDM2, Section 3)."""
 
     def __init__(self, net: torch.nn.Module, sigma_rels: Sequence[float]) -> None:
         self.sigma_rels = [float(s) for s in sigma_rels]
@@ -79,7 +79,7 @@ class PowerFunctionEMA:
         state = _float_state(net)
         src = [state[name] for name in self.names]
         for gamma, ema in zip(self.gammas, self.emas):
-            beta = (1.0 - batch / nimg) ** (gamma + 1)  # papers.md: beta(t) = (1 - batch/t)^(gamma+1)
+            beta = (1.0 - batch / nimg) ** (gamma + 1)  # EDM2, Eq. 127
             torch._foreach_lerp_(ema, src, 1.0 - beta)  # ema = beta*ema + (1-beta)*theta
 
     def ema_state(self, sigma_rel: float) -> dict[str, torch.Tensor]:

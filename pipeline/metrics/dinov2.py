@@ -1,5 +1,5 @@
 """The DINOv2 feature network of FD_DINOv2 (EDM2, Karras et al. 2024, "Analyzing and Improving the
-Training Dynamics of Diffusion Models"; papers.md, "Metrics").
+Training Dynamics of Diffusion Models"; docs/algorithms.md, "Fréchet distance").
 
 Features are DINOv2 ViT-L/14's final-LayerNorm'd CLS token (1024-d) of each image after EDM2's
 preprocessing: bicubic antialiased resize to 224x224, [0, 1], ImageNet mean/std. The network is

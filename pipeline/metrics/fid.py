@@ -1,4 +1,5 @@
-"""Fréchet distance, mergeable feature statistics and the Inception feature extractor (papers.md, "Metrics").
+"""Fréchet distance, mergeable feature statistics and the Inception feature extractor
+(docs/algorithms.md, "Fréchet distance").
 
 Features are clean-fid's "clean" mode: each image resized to 299x299 by PIL bicubic on float
 channels, then the TorchScript Inception-v3 of "inception-2015-12-05.pt" (StyleGAN2-ADA's port
@@ -33,7 +34,7 @@ RANDOM_SEED = 0  # the "random" network's weights: the same in every process
 def frechet_distance(
     mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray
 ) -> float:
-    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), real part, in float64 (papers.md)."""
+    """|mu1 - mu2|^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2)), in float64 (docs/algorithms.md, "Fréchet distance")."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     dim = mu1.shape[0]
@@ -95,7 +96,7 @@ class FeatureStats:
         return self.sum / self.count
 
     def cov(self) -> np.ndarray:
-        """Unbiased covariance [D, D] (papers.md: Sigma = unbiased covariance)."""
+        """Unbiased covariance [D, D] (docs/algorithms.md, "Fréchet distance")."""
         if self.count < 2:
             raise ValueError(f"covariance needs at least 2 features, got {self.count}")
         mu = self.mean()

@@ -16,7 +16,7 @@ from pipeline import store
 from pipeline.data.encoders import RgbEncoder, VaeEncoder, lpips_decoder, make_encoder
 from helpers import save_tiny_decoder, save_tiny_vae
 
-# papers.md: SD VAE latent statistics; scale = 0.5/raw_std, bias = -raw_mean*scale.
+# docs/algorithms.md, "Latent encoding": SD VAE latent statistics; scale = 0.5/raw_std, bias = -raw_mean*scale.
 RAW_MEAN = np.array([5.81, 3.25, 0.12, -2.15])
 RAW_STD = np.array([4.17, 4.62, 3.71, 3.28])
 

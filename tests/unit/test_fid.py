@@ -1,4 +1,6 @@
-"""Fréchet distance and feature statistics against independent computations (papers.md, "Metrics")."""
+"""Fréchet distance and feature statistics against independent computations.
+
+The formulas: docs/algorithms.md, "Fréchet distance"."""
 
 import os
 import shutil

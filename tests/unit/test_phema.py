@@ -1,4 +1,6 @@
-"""Power-function EMA and post-hoc reconstruction against closed forms (papers.md, EDM2)."""
+"""Power-function EMA and post-hoc reconstruction against closed forms.
+
+The formulas: docs/algorithms.md, "Power-function EMA and post-hoc EMA"."""
 
 import io
 
@@ -15,7 +17,7 @@ from pipeline.diffusion.phema import (
     solve_coefficients,
 )
 
-KNOWN_PAIRS = [(0.050, 16.97), (0.100, 6.94), (0.130, 4.60), (0.010, 96.99)]  # papers.md checkpoints
+KNOWN_PAIRS = [(0.050, 16.97), (0.100, 6.94), (0.130, 4.60), (0.010, 96.99)]  # EDM2, Eq. 126
 DIM = 8
 _rng = np.random.default_rng(0)
 FREQ, PHASE, QUAD = _rng.uniform(0.5, 3.0, DIM), _rng.uniform(0, 2 * np.pi, DIM), _rng.normal(size=DIM)
@@ -76,7 +78,7 @@ def test_update_matches_power_function_average(sigma_rel: float) -> None:
         ema.update(net, nimg=k * batch, batch=batch)
     got = ema.ema_state(sigma_rel)["weight"].numpy()
     g = sigma_rel_to_gamma(sigma_rel)
-    # papers.md: theta_g(t) = (g+1)/t^(g+1) int_0^t tau^g theta(tau) dtau, with u = tau/t;
+    # EDM2, Section 3: theta_g(t) = (g+1)/t^(g+1) int_0^t tau^g theta(tau) dtau, with u = tau/t;
     # exact for the piecewise-constant path: step k weighs u_k^(g+1) - u_{k-1}^(g+1)
     edges = np.arange(steps + 1) / steps
     step_weights = np.diff(edges ** (g + 1))

@@ -1,5 +1,5 @@
 """The paper-scale presets: they load with the papers' values, and their networks have the papers'
-parameter counts (papers.md: EDM2 presets)."""
+parameter counts (docs/algorithms.md, "Network and preconditioning")."""
 
 import pytest
 import torch

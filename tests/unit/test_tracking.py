@@ -104,9 +104,10 @@ def _failing_dag(calls: list[str]) -> dict[str, Stage]:
     return {n: Stage(n, "1", n, up, DRIVER, run(n)) for n, up in {"a": (), "b": ("a",), "c": ("b",)}.items()}
 
 
-def test_a_failed_stage_ends_its_mlflow_run_failed_and_the_dag_run_too(tmp_path, fresh):
+def test_a_failed_stage_ends_its_mlflow_run_failed_and_the_dag_run_too(tmp_path, fresh, monkeypatch):
     from mlflow import MlflowClient
 
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts in ./mlruns
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     cfg = FakeConfig(storage=str(tmp_path / "store"), tracking=C.TrackingConfig(
         backends=("mlflow",), mlflow_uri=uri, experiment="failing"))
@@ -122,6 +123,7 @@ def test_a_failed_stage_ends_its_mlflow_run_failed_and_the_dag_run_too(tmp_path,
 
 def test_a_report_file_that_cannot_be_read_after_the_commit_costs_a_warning_not_the_run(tmp_path, fresh, caplog,
                                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a sqlite store keeps its artifacts in ./mlruns
     cfg = FakeConfig(storage=str(tmp_path / "store"), tracking=C.TrackingConfig(
         backends=("mlflow",), mlflow_uri=f"sqlite:///{tmp_path}/mlflow.db", experiment="unreadable"))
     real = store.Artifact.read_bytes
