@@ -23,6 +23,7 @@ import sys
 
 from pipeline import config as C
 from pipeline import dag, store
+from pipeline.outputs import EvalOutputs
 
 log = logging.getLogger("onestep")
 
@@ -131,13 +132,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from pipeline.report import grid_png
-    from stages.evaluate import sample_model
+    from pipeline.sample import sample_images
 
     cfg = load(args)
     store.check_storage(cfg.storage)
     seeds = parse_seeds(args.seeds, args.num)
     classes = None if args.classes is None else [args.classes[i % len(args.classes)] for i in range(len(seeds))]
-    images = sample_model(cfg, args.model, seeds, args.steps, classes)
+    images = sample_images(cfg, args.model, seeds, args.steps, classes)
     out = Path(args.out)
     if out.suffix.lower() == ".png":
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -182,17 +183,16 @@ def status_table(cfg: C.Config) -> str:
 def report_line(cfg: C.Config, plan: dag.Plan) -> str:
     """Where the evaluation report is and its headline, once evaluate is done ("" otherwise)."""
     report = store.Store(cfg.storage).artifact("evaluate", plan.keys["evaluate"])
-    manifest = report.manifest() if "evaluate" in plan.selected else None
-    if manifest is None:
+    if "evaluate" not in plan.selected or report.manifest() is None:
         return ""
-    out = manifest["outputs"]
-    steps = next((m["nfe"] for m in out["models"] if m["model"] == "student"), 1)
+    out = EvalOutputs.read(report)
+    steps = next((m["nfe"] for m in out.models if m["model"] == "student"), 1)
     line = (f"report: {store.redact(report.path('report.md'))} (and report.html): the {steps}-step student's "
-            f"{out['metric']} is {out['student_over_best_teacher']:.2f}x the best teacher variant's "
-            f"(sigma_rel {out['best_sigma_rel']})")
-    if out["student_class_accuracy"] is not None:
-        line += (f"; class accuracy: student {out['student_class_accuracy']:.1%}, "
-                 f"best teacher {out['best_teacher_class_accuracy']:.1%}")
+            f"{out.metric} is {out.student_over_best_teacher:.2f}x the best teacher variant's "
+            f"(sigma_rel {out.best_sigma_rel})")
+    if out.student_class_accuracy is not None:
+        line += (f"; class accuracy: student {out.student_class_accuracy:.1%}, "
+                 f"best teacher {out.best_teacher_class_accuracy:.1%}")
     return line
 
 
@@ -234,8 +234,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from pipeline import runs
 
-    stages = list(dag.STAGE_MODULES)
-    dag.check_names(dict.fromkeys(stages), args.stage, "--stage")
+    stages = list(dag.graph())
+    dag.check_names(dag.graph(), args.stage, "--stage")
     if args.config is not None:
         C.load_config(args.config)  # an unknown preset fails here, naming the presets
     print(runs.table(args.storage, args.stage or stages, args.config))
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             return cmd_verify(args)
         if args.command == "import-edm2":
-            from pipeline.models.edm2_release import import_network
+            from pipeline.models.edm2_import import import_network
 
             config = import_network(args.url, args.out, args.key)
             print(f"{args.out}: network.json + network.safetensors ({json.dumps(config)})")

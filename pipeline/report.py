@@ -1,9 +1,10 @@
 """The evaluation report: the metrics table, plots of the metrics and of training, sample grids.
 
-Pure rendering: rows of results in, markdown / HTML text and PNG bytes out (`render`, `class_grid_png`);
-the evaluate stage writes them. A row is one model (results.json): model, label, sigma_rel, steps, nfe,
-the metrics (None where not computed), count (the images behind them), seconds and grid (the PNG's path
-in the artifact). Every plot is a PNG of its own, laid out by the page.
+Pure rendering: rows of results in, markdown / HTML text and PNG bytes out (`render`, `class_grid_png`), and
+the report's sentences (`summarize`, `measurement_notes`, `student_note`); the evaluate stage writes them.
+A row is one model (results.json): model, label, sigma_rel, steps, nfe, the metrics (None where not
+computed), count (the images behind them), seconds and grid (the PNG's path in the artifact). Every plot
+is a PNG of its own, laid out by the page.
 """
 
 from __future__ import annotations
@@ -261,6 +262,53 @@ def _plots(rows: list[dict[str, Any]], teacher: list[dict[str, Any]], distill: l
     metrics, training = metric_pngs(rows), training_pngs(teacher, distill, validation)
     sections = {"Metrics against the teacher's EMA length": list(metrics), "Training": list(training)}
     return {t: paths for t, paths in sections.items() if paths}, {**metrics, **training}
+
+
+def summarize(rows: list[dict[str, Any]], metric: str) -> tuple[dict[str, Any], list[str]]:
+    """(the best teacher row by `metric`, the report's summary sentences)."""
+    title = METRICS[metric][0]
+    best = min((r for r in rows if r["model"] == "teacher"), key=lambda r: r[metric])
+    lines = [f"Best teacher EMA length by {title}: **sigma_rel = {best['sigma_rel']:.3f}** ({title} {best[metric]:.3f})."]
+    for r in rows:
+        if r["model"] == "student":
+            lines.append(f"The {r['nfe']}-step student's {title} is **{r[metric] / best[metric]:.2f}x** the best teacher's "
+                         f"({r['nfe']} vs {best['nfe']} network evaluations).")
+        if r["model"] != "teacher" and r["class_accuracy"] is not None:
+            lines.append(f"Class accuracy: {r['label']} {r['class_accuracy']:.1%}, best teacher "
+                         f"{best['class_accuracy']:.1%}." if best["class_accuracy"] is not None else "")
+    return best, [line for line in lines if line]
+
+
+def measurement_notes(num_images: int, probe: dict[str, Any], refstats: dict[str, Any], real_count: int) -> list[str]:
+    """What the figures are measured on: the seeds, the probe and each feature network (`probe`, `refstats`:
+    those stages' manifest outputs)."""
+    out = [f"{num_images} generated images per model (seed i is image i of every model; its class is its place "
+           "in a cycle of the classes in the data's proportions)."]
+    if probe.get("enabled"):
+        out.append(f"Probe metrics: the features of a classifier trained on the dataset (held-out accuracy "
+                   f"{probe['holdout_accuracy']:.1%}, chance {probe['chance_accuracy']:.1%}) against its "
+                   f"{probe['train_images']} training images; the real row is {real_count} held-out images."
+                   " Precision and recall: k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019).")
+    for name, info in refstats["networks"].items():
+        random = " The Inception network has fixed RANDOM weights: not FID, comparable only with itself." if info["random"] else ""
+        out.append(f"{info['metric_name']} against {info['count'] or 'published'} reference statistics ({info['source']}).{random}")
+    out += [f"{name}: not computed ({why})." for name, why in refstats["skipped"].items()]
+    return out
+
+
+def student_note(manifest: dict[str, Any]) -> str:
+    """Which checkpoint the student is (`manifest`: distill's): its step, how it was chosen, and an early stop
+    if there was one."""
+    student, validation = manifest["outputs"]["student"], manifest["outputs"].get("validation") or {}
+    duration = manifest["config"]["duration_nimg"]
+    how = {"best": f"the best of its {len(validation.get('curve', []))} validations by fd_probe on validation seeds, "
+                   "not these", "last": "its last step"}[student.get("keep", "last")]
+    stopped = f" The run stopped early: {validation['stopped']}." if validation.get("stopped") else ""
+    teacher = manifest["outputs"]["teacher"]
+    source = f" Its teacher is the phema variant sigma_rel {teacher['sigma_rel']:g}" + (
+        f", chosen by {teacher['chosen_by']}." if "chosen_by" in teacher else ".")
+    return (f"The student is distill's generator after {student.get('nimg', duration):,} of {duration:,} images "
+            f"({how}).{stopped}{source}")
 
 
 def render(rows: list[dict[str, Any]], summary: list[str], notes: list[str], teacher: list[dict[str, Any]],

@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # pipeline/, st
 
 from pipeline import config as C  # noqa: E402
 from pipeline import dag, store  # noqa: E402
+from pipeline.evaluation import (EvalJob, evaluate_range, references, score, student_model,  # noqa: E402
+                                 teacher_models)
 from pipeline.seeds import counts_per_class  # noqa: E402
-from stages.evaluate import (EvalJob, evaluate_range, references, score, student_model,  # noqa: E402
-                             teacher_models)
 
 
 def _artifacts(cfg: C.Config) -> dict[str, store.Artifact]:

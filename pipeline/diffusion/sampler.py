@@ -1,4 +1,4 @@
-"""EDM deterministic Heun sampler and per-sample seeded noise (papers.md, "Sampler").
+"""EDM deterministic Heun sampler and per-sample seeded noise (docs/algorithms.md, "Heun sampler").
 
 A denoiser is any callable `denoise(x, sigma, labels) -> x0` with x [B, ...], sigma a [B]
 tensor of x's dtype, and labels [B] class indices or None.
@@ -21,12 +21,12 @@ def time_steps(
         )
     i = torch.arange(num_steps, dtype=torch.float64)
     lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-    t = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho  # papers.md: Karras rho schedule
+    t = (hi + i / max(num_steps - 1, 1) * (lo - hi)) ** rho  # docs/algorithms.md, "Heun sampler": t_i
     return torch.cat([t, t.new_zeros(1)])
 
 
 def guided(denoise: Denoiser, guide: Denoiser | None, guidance: float, dtype: torch.dtype) -> Denoiser:
-    """float64 denoiser D = g + w (D_main - g) (papers.md, guidance); the networks see `dtype`."""
+    """float64 denoiser D = g + w (D_main - g) (docs/algorithms.md, "Guidance"); the networks see `dtype`."""
     if guidance != 1 and guide is None:
         raise ValueError(f"guidance={guidance} needs a guide network; pass guide= or use guidance=1")
 
@@ -60,7 +60,7 @@ def edm_sampler(
     if x.ndim == 4:  # images: NHWC convolutions are faster on CPUs (docs/results.md), with the same results
         x = x.contiguous(memory_format=torch.channels_last)
     for t_cur, t_next in zip(t[:-1], t[1:]):
-        slope = (x - d(x, t_cur, labels)) / t_cur  # papers.md: d = (x - D(x, t_i)) / t_i
+        slope = (x - d(x, t_cur, labels)) / t_cur  # docs/algorithms.md, "Heun sampler"
         x_next = x + (t_next - t_cur) * slope
         if t_next > 0:  # Heun correction, skipped on the last step to sigma = 0
             slope_next = (x_next - d(x_next, t_next, labels)) / t_next

@@ -10,7 +10,7 @@ import pytest
 from pipeline import config as C
 from pipeline import dag, store
 from pipeline.executor import InlineExecutor, RayExecutor
-from stages.pairs import read_pairs
+from pipeline.pairs import read_pairs
 
 from helpers import PAIRS_TINY, NodeRecordingExecutor, ray_cluster
 

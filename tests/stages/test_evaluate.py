@@ -11,11 +11,11 @@ from PIL import Image
 
 from pipeline import config as C
 from pipeline import dag, store
+from pipeline.evaluation import EvalJob, Model, evaluate_range
 from pipeline.executor import InlineExecutor
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.report import BLOCK_GAP, CELL_GAP, METRICS, MIN_CELL
 from pipeline.seeds import counts_per_class
-from stages.evaluate import EvalJob, Model, evaluate_range
 
 TINY = ["encode.num_images=80", "encode.shard_size=40", "teacher.channels=16", "teacher.batch=4",
         "teacher.snapshot_nimg=8", "teacher.checkpoint_nimg=16", "teacher.duration_nimg=32",

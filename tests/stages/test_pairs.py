@@ -15,10 +15,10 @@ from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import InlineExecutor, RayExecutor
 from pipeline.metrics.fid import frechet_distance
 from pipeline.metrics.probe import ProbeFeatures
+from pipeline.pairs import read_pairs
 from pipeline.seeds import counts_per_class, scored_labels, validation_seeds
 from pipeline.weights import load_network, load_probe, load_reference
 import stages.pairs
-from stages.pairs import read_pairs
 
 from helpers import PAIRS_TINY
 

@@ -14,7 +14,7 @@ from pipeline.data.encoders import RgbEncoder
 from pipeline.data.shards import reader
 from pipeline.executor import InlineExecutor
 from pipeline.metrics.probe import embed, holdout_mask, to_input
-from stages.evaluate import EvalJob, Model, References, Tally, score
+from pipeline.evaluation import EvalJob, Model, References, Tally, score
 from pipeline.data.split import read_split
 from pipeline.weights import load_probe
 

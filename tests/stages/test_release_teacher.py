@@ -19,8 +19,8 @@ from pipeline.diffusion.phema import solve_coefficients
 from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import InlineExecutor
 from pipeline.models.edm2_import import onestep_name
+from pipeline.pairs import read_pairs
 from pipeline.weights import load_network, read_weights
-from stages.pairs import read_pairs
 
 DATA = ["encode.num_images=32", "encode.shard_size=32", "refstats.num_images=32", "probe.epochs=1"]
 RELEASE = "edm2-img16-s-2147483-0.130.pkl"

@@ -83,3 +83,42 @@ def test_each_fd_shows_the_number_of_images_behind_it():
 def test_a_released_teacher_without_metrics_rows_has_no_teacher_plots():
     plots = report.training_pngs([], DMD2[:1])
     assert not any(name.startswith("plots/teacher-") for name in plots) and "plots/distill-loss_gan_g.png" in plots
+
+
+def test_the_summary_names_the_best_teacher_and_compares_the_other_rows_with_it():
+    best, lines = report.summarize(ROWS, "fd_probe")
+    assert best is ROWS[1]
+    assert lines == ["Best teacher EMA length by FD probe: **sigma_rel = 0.100** (FD probe 1.500).",
+                     "The 1-step student's FD probe is **1.20x** the best teacher's (1 vs 15 network evaluations).",
+                     "Class accuracy: student (1 step) 90.0%, best teacher 85.0%.",
+                     "Class accuracy: real (held-out) 95.0%, best teacher 85.0%."]
+    unlabelled = [{**r, "class_accuracy": None} if r["model"] == "teacher" else r for r in ROWS]
+    assert [line for line in report.summarize(unlabelled, "fd_probe")[1] if "accuracy" in line] == []
+
+
+def test_the_notes_say_what_each_figure_is_measured_against():
+    probe = {"enabled": True, "holdout_accuracy": 0.9, "chance_accuracy": 0.1, "train_images": 480}
+    refstats = {"networks": {"inception": {"metric_name": "FD (random-weight Inception)", "count": 64,
+                                           "source": "encode", "random": True}},
+                "skipped": {"dinov2": "no weights"}}
+    notes = report.measurement_notes(32, probe, refstats, 40)
+    assert notes[0].startswith("32 generated images per model")
+    assert "(held-out accuracy 90.0%, chance 10.0%) against its 480 training images; the real row is 40" in notes[1]
+    assert notes[2] == ("FD (random-weight Inception) against 64 reference statistics (encode). The Inception network "
+                        "has fixed RANDOM weights: not FID, comparable only with itself.")
+    assert notes[3] == "dinov2: not computed (no weights)."
+    assert len(report.measurement_notes(32, {"enabled": False}, {"networks": {}, "skipped": {}}, 0)) == 1
+
+
+def test_the_student_note_says_which_checkpoint_and_which_teacher():
+    manifest = {"config": {"duration_nimg": 1024},
+                "outputs": {"student": {"nimg": 512, "keep": "best"},
+                            "validation": {"curve": [{}, {}, {}], "stopped": "fd_probe above 2x its best"},
+                            "teacher": {"sigma_rel": 0.1, "chosen_by": "pairs.sigma_rel"}}}
+    assert report.student_note(manifest) == (
+        "The student is distill's generator after 512 of 1,024 images (the best of its 3 validations by fd_probe on "
+        "validation seeds, not these). The run stopped early: fd_probe above 2x its best. Its teacher is the phema "
+        "variant sigma_rel 0.1, chosen by pairs.sigma_rel.")
+    last = {"config": {"duration_nimg": 1024}, "outputs": {"student": {}, "teacher": {"sigma_rel": 0.05}}}
+    assert report.student_note(last) == ("The student is distill's generator after 1,024 of 1,024 images (its last "
+                                         "step). Its teacher is the phema variant sigma_rel 0.05.")

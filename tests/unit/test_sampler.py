@@ -1,4 +1,4 @@
-"""EDM Heun sampler on Gaussian data with the exact denoiser (papers.md, "Sampler")."""
+"""EDM Heun sampler on Gaussian data with the exact denoiser (docs/algorithms.md, "Heun sampler")."""
 
 from collections.abc import Callable
 
@@ -47,7 +47,7 @@ def test_time_steps_schedule() -> None:
     assert t.dtype == torch.float64 and t.shape == (33,)
     assert t[0].item() == pytest.approx(SIGMA_MAX) and t[31].item() == pytest.approx(SIGMA_MIN)
     assert t[32].item() == 0.0 and bool((t[:-1] > t[1:]).all())
-    i = 10  # papers.md: t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho
+    i = 10  # docs/algorithms.md, "Heun sampler": t_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho
     expected = (80 ** (1 / 7) + i / 31 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert t[i].item() == pytest.approx(expected, rel=1e-12)
 
@@ -88,7 +88,7 @@ def test_guidance(problem: Problem) -> None:
 
     def manual(x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         g = guide(x, sigma, labels)
-        return g + 2.0 * (main(x, sigma, labels) - g)  # papers.md: D = g + w (D_main - g)
+        return g + 2.0 * (main(x, sigma, labels) - g)  # docs/algorithms.md, "Guidance"
 
     guided = edm_sampler(main, noise, num_steps=16, guidance=2.0, guide=guide)
     torch.testing.assert_close(guided, edm_sampler(manual, noise, num_steps=16), rtol=0, atol=1e-10)

@@ -5,7 +5,7 @@ import numpy as np
 
 from pipeline import store
 from pipeline.data.split import stratified, write_split
-from stages.evaluate import _heldout
+from pipeline.evaluation import select_heldout
 
 
 def test_a_stratified_sample_takes_every_class_in_proportion_seeded():
@@ -24,7 +24,7 @@ def test_the_real_row_of_a_folder_stored_class_by_class_covers_every_class():
     artifact = store.Artifact("memory://split-test/probe")
     write_split(artifact, {"index": np.arange(n), "shard": np.arange(n) // 100, "position": np.arange(n) % 100,
                            "label": labels, "holdout": np.arange(n) % 3 == 0})
-    heldout = _heldout(artifact, 40, seed=0)
+    heldout = select_heldout(artifact, 40, seed=0)
     assert np.bincount(heldout["label"], minlength=10).tolist() == [4] * 10  # the first 40 would be 4 classes
     assert np.all(heldout["index"] % 3 == 0) and np.array_equal(heldout["label"], labels[heldout["index"]])
     assert np.array_equal(heldout["shard"], heldout["index"] // 100)

@@ -15,9 +15,9 @@ from functools import partial
 import torch
 
 from pipeline import config as C
+from pipeline import pairs as P
 from pipeline import store
 from pipeline.executor import RayExecutor, init_ray
-from stages import pairs as P
 
 from .common import forward_seconds, preset_network, table, teacher_artifact
 

@@ -20,13 +20,12 @@ import torch
 
 from pipeline import store
 from pipeline.data.encoders import RgbEncoder
-from pipeline.diffusion.phema import reconstruct
-from pipeline.diffusion.sampler import edm_sampler, seeded_noise
+from pipeline.diffusion.phema import reconstruct, solve_coefficients
+from pipeline.evaluation import EvalJob, Model, evaluate_range
 from pipeline.executor import RayExecutor, init_ray
 from pipeline.models.edm2 import Denoiser, build_denoiser
+from pipeline.sampling import Generator
 from pipeline.weights import read_weights, weights_bytes
-from stages import phema as PH
-from stages.evaluate import EvalJob, Model, evaluate_range
 
 from .common import Row, forward_seconds, preset_network, reset_peak_rss, rss_bytes, table, teacher_artifact
 
@@ -48,6 +47,7 @@ class _TimedDenoiser:
 
     def __init__(self, net: Denoiser) -> None:
         self.net, self.seconds, self.calls = net, 0.0, 0
+        self.img_channels, self.img_resolution, self.num_classes = net.img_channels, net.img_resolution, net.num_classes
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         start = time.perf_counter()
@@ -60,15 +60,15 @@ class _TimedDenoiser:
 def _sampler_rows(steps: int, batch: int, threads: int) -> list[Row]:
     net = preset_network("demo").eval()
     forward = forward_seconds(net, batch, iters=5)
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    noise, labels = seeded_noise(list(range(batch)), shape, net.num_classes, "cpu")
     timed = _TimedDenoiser(net)
+    gen = Generator.teacher(timed, steps)
     start = time.perf_counter()
-    edm_sampler(timed, noise, labels, num_steps=steps)
+    gen(list(range(batch)))
     sampler = time.perf_counter() - start
-    nfe = 2 * steps - 1
+    nfe = gen.nfe
     assert timed.calls == nfe, timed.calls
-    return [(f"Heun sampler ms/image, demo net 32x32x3, {steps} steps, batch {batch} (CPU, {threads} thr)",
+    return [(f"Heun sampler ms/image (seeded noise included), demo net 32x32x3, {steps} steps, batch {batch} "
+             f"(CPU, {threads} thr)",
              f"{1e3 * sampler / batch:.1f}", ""),
             (f"NFE x one forward ms/image, same batch ({nfe} x median of 5)", f"{1e3 * nfe * forward / batch:.1f}", ""),
             ("sampler overhead, sampler / (NFE x forward) - 1", f"{sampler / (nfe * forward) - 1:.1%}", "<= 5%"),
@@ -113,10 +113,11 @@ def _write_snapshots(state: dict[str, torch.Tensor], count: int, root: str) -> l
 
 
 def _phema_coefficients(num_snapshots: int, num_targets: int) -> np.ndarray:
-    """[snapshots, targets] weights as the stage solves them: snapshots at 2 sigma_rels per time."""
-    used = [{"nimg": (i // 2 + 1) << 20, "sigma_rel": (0.05, 0.10)[i % 2]} for i in range(num_snapshots)]
-    sigma_rels = tuple(float(s) for s in np.linspace(0.03, 0.2, num_targets))
-    return PH.coefficients(used, used[-1]["nimg"], sigma_rels)
+    """[snapshots, targets] weights as phema solves them: snapshots at 2 sigma_rels per time."""
+    nimg = [(i // 2 + 1) << 20 for i in range(num_snapshots)]
+    sigma_rels = [float(s) for s in np.linspace(0.03, 0.2, num_targets)]
+    return solve_coefficients(nimg, [(0.05, 0.10)[i % 2] for i in range(num_snapshots)], [nimg[-1]] * num_targets,
+                              sigma_rels)
 
 
 def _phema_rows(root: str, preset: str, num_snapshots: int, num_targets: int) -> list[Row]:
