@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from pipeline.distill import METHODS
 from pipeline.seeds import PAIRS_SEED_BASE, VALIDATION_SEED_BASE
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "workflows" / "configs"
@@ -80,9 +81,10 @@ class EncodeConfig:
 
 @dataclass(frozen=True)
 class TeacherConfig:
-    """EDM2 training (papers.md: EDM2 "Loss and optimisation", "Power-function EMA"), or a teacher
-    NVIDIA released: `source: edm2-release` (a post-hoc reconstruction .pkl, used as it is) or
-    `edm2-snapshots` (a folder of EDM2's raw EMA snapshots, which phema reconstructs)."""
+    """EDM2 training (docs/algorithms.md, "EDM2 loss and learned uncertainty", "Learning rate" and
+    "Power-function EMA and post-hoc EMA"), or a teacher NVIDIA released: `source: edm2-release` (a
+    post-hoc reconstruction .pkl, used as it is) or `edm2-snapshots` (a folder of EDM2's raw EMA
+    snapshots, which phema reconstructs)."""
 
     source: str = "train"  # train | edm2-release | edm2-snapshots
     release: str = content()  # edm2-release: URL of the .pkl; edm2-snapshots: URL of the folder
@@ -260,7 +262,8 @@ class PairsConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """DMD: a one-step generator from the phema teacher (papers.md, DMD and DMD2)."""
+    """DMD: a one-step generator from the phema teacher (docs/algorithms.md, "One-step generator" to
+    "DMD2: two time-scale update and GAN")."""
 
     lr: float = 2e-6  # generator and fake score (AdamW, betas (adam_beta1, 0.999), weight decay 0.01)
     fake_lr: float = 2e-6
@@ -304,7 +307,7 @@ class DistillConfig:
     # validation scores it, keep chooses among its validations, and it is what distill commits
     ema_sigma_rel: float = 0.0
     early_stop_ratio: float = 2.0  # a collapse: validation fd_probe above this x its best ...
-    early_stop_patience: int = 3  # ... for this many validations in a row stops the run, keeping the best (0: never)
+    early_stop_patience: int = 3  # ... for this many validations in a row stops a keep: best run (0: never)
     val_batch: int = throughput(64)  # validation images per forward and rank
     log_nimg: int = throughput(300 * 336)
     num_workers: int = throughput(1)
@@ -316,7 +319,7 @@ class DistillConfig:
 
     def __post_init__(self) -> None:
         _check_choice("distill", "lpips_net", self.lpips_net, ("vgg", "alex", "squeeze"))
-        _check_choice("distill", "method", self.method, ("dmd", "dmd2"))
+        _check_choice("distill", "method", self.method, tuple(METHODS))
         _check_choice("distill", "gan_head", self.gan_head, ("bottleneck", "encoder"))
         if self.student_steps not in (1, 2, 4):
             raise ValueError(f"distill.student_steps = {self.student_steps}: choose 1, 2 or 4")

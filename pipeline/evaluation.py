@@ -25,10 +25,11 @@ from pipeline.data.encoders import decode_images, encoder_from_info
 from pipeline.data.shards import read_samples
 from pipeline.data.split import read_split, stratified
 from pipeline.diffusion.dmd import SIGMA_MAX
-from pipeline.metrics.features import worker_network
+from pipeline.metrics.features import worker_feature_network
 from pipeline.metrics.fid import FeatureStats, frechet_distance
 from pipeline.metrics.precision_recall import precision_recall
 from pipeline.metrics.probe import ProbeFeatures
+from pipeline.outputs import DistillOutputs, PhemaOutputs
 from pipeline.sampling import Generator
 from pipeline.seeds import evaluation_seeds, mix_seed, scored_labels
 from pipeline.store import Artifact
@@ -79,15 +80,14 @@ class Model:
 
 def teacher_models(phema: Artifact, num_steps: int) -> list[Model]:
     """A row per phema variant, by sigma_rel, each sampled with `num_steps` Heun steps."""
-    variants = phema.manifest()["outputs"]["variants"]
-    return [Model("teacher", phema, v["file"], v["sigma_rel"], num_steps)
-            for v in sorted(variants, key=lambda v: v["sigma_rel"])]
+    variants = PhemaOutputs.read(phema).variants
+    return [Model("teacher", phema, v.file, v.sigma_rel, num_steps) for v in sorted(variants, key=lambda v: v.sigma_rel)]
 
 
 def student_model(distill: Artifact) -> Model:
     """The distilled student: its step count and noise levels from the distill manifest."""
-    student = distill.manifest()["outputs"]["student"]
-    return Model("student", distill, student["file"], None, student["nfe"], tuple(student.get("sigmas", ())))
+    student = DistillOutputs.read(distill).student
+    return Model("student", distill, student.file, None, student.nfe, tuple(student.sigmas))
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ class Tally:
 
     def __init__(self, job: EvalJob) -> None:
         self.probe = worker_probe(job.probe, job.device) if job.probe else None
-        self.nets = {name: worker_network(name, weights, job.device) for name, weights in job.networks.items()}
+        self.nets = {name: worker_feature_network(name, weights, job.device) for name, weights in job.networks.items()}
         self.stats = {name: FeatureStats(net.dim) for name, net in self.nets.items()}
         self.features: list[np.ndarray] = []
         self.count = self.correct = self.labelled = 0

@@ -9,6 +9,7 @@ where no stage reads inside them, and get a class where one does. Torch-free, li
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
@@ -153,8 +154,13 @@ class PhemaOutputs(Outputs):
     snapshots_used: list[dict[str, Any]]
     made_this_run: list[float]
 
+    @staticmethod
+    def variant_file(sigma_rel: float) -> str:
+        """The weights of the variant of this EMA length."""
+        return f"phema-{sigma_rel:.4f}.safetensors"
+
     def variant(self, sigma_rel: float) -> Variant | None:
-        return next((v for v in self.variants if abs(v.sigma_rel - sigma_rel) <= 1e-6 * abs(sigma_rel)), None)
+        return next((v for v in self.variants if math.isclose(v.sigma_rel, sigma_rel, rel_tol=1e-6)), None)
 
 
 @dataclass(frozen=True)
@@ -190,7 +196,8 @@ class Student(Record):
 
 @dataclass(frozen=True)
 class DistillOutputs(Outputs):
-    FILES: ClassVar[dict[str, str]] = {"metrics": "metrics.jsonl", "validation": "validation.json"}
+    FILES: ClassVar[dict[str, str]] = {"weights": "student.safetensors", "config": "student.json",
+                                       "metrics": "metrics.jsonl", "validation": "validation.json"}
     student: Student
     teacher: ChosenTeacher
     validation: dict[str, Any]

@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pipeline.outputs import DistillOutputs, ProbeOutputs, RefstatsOutputs
+
 # metric key -> (column title, format, lower is better)
 METRICS: dict[str, tuple[str, str, bool]] = {
     "fd_probe": ("FD probe", "{:.3f}", True),
@@ -279,36 +281,34 @@ def summarize(rows: list[dict[str, Any]], metric: str) -> tuple[dict[str, Any], 
     return best, [line for line in lines if line]
 
 
-def measurement_notes(num_images: int, probe: dict[str, Any], refstats: dict[str, Any], real_count: int) -> list[str]:
-    """What the figures are measured on: the seeds, the probe and each feature network (`probe`, `refstats`:
-    those stages' manifest outputs)."""
+def measurement_notes(num_images: int, probe: ProbeOutputs, refstats: RefstatsOutputs, real_count: int) -> list[str]:
+    """What the figures are measured on: the seeds, the probe and each feature network."""
     out = [f"{num_images} generated images per model (seed i is image i of every model; its class is its place "
            "in a cycle of the classes in the data's proportions)."]
-    if probe.get("enabled"):
+    if probe.enabled:
         out.append(f"Probe metrics: the features of a classifier trained on the dataset (held-out accuracy "
-                   f"{probe['holdout_accuracy']:.1%}, chance {probe['chance_accuracy']:.1%}) against its "
-                   f"{probe['train_images']} training images; the real row is {real_count} held-out images."
+                   f"{probe.holdout_accuracy:.1%}, chance {probe.chance_accuracy:.1%}) against its "
+                   f"{probe.train_images} training images; the real row is {real_count} held-out images."
                    " Precision and recall: k-NN manifolds, k = 3 (Kynkäänniemi et al. 2019).")
-    for name, info in refstats["networks"].items():
+    for name, info in refstats.networks.items():
         random = " The Inception network has fixed RANDOM weights: not FID, comparable only with itself." if info["random"] else ""
         out.append(f"{info['metric_name']} against {info['count'] or 'published'} reference statistics ({info['source']}).{random}")
-    out += [f"{name}: not computed ({why})." for name, why in refstats["skipped"].items()]
+    out += [f"{name}: not computed ({why})." for name, why in refstats.skipped.items()]
     return out
 
 
-def student_note(manifest: dict[str, Any]) -> str:
-    """Which checkpoint the student is (`manifest`: distill's): its step, how it was chosen, and an early stop
-    if there was one."""
-    student, validation = manifest["outputs"]["student"], manifest["outputs"].get("validation") or {}
-    duration = manifest["config"]["duration_nimg"]
+def student_note(distill: DistillOutputs, duration_nimg: int) -> str:
+    """Which checkpoint the student is: its step (of `duration_nimg`, distill's), how it was chosen, and an
+    early stop if there was one."""
+    student, validation = distill.student, distill.validation or {}
     how = {"best": f"the best of its {len(validation.get('curve', []))} validations by fd_probe on validation seeds, "
-                   "not these", "last": "its last step"}[student.get("keep", "last")]
+                   "not these", "last": "its last step"}[student.keep]
     stopped = f" The run stopped early: {validation['stopped']}." if validation.get("stopped") else ""
-    teacher = manifest["outputs"]["teacher"]
-    source = f" Its teacher is the phema variant sigma_rel {teacher['sigma_rel']:g}" + (
-        f", chosen by {teacher['chosen_by']}." if "chosen_by" in teacher else ".")
-    return (f"The student is distill's generator after {student.get('nimg', duration):,} of {duration:,} images "
-            f"({how}).{stopped}{source}")
+    teacher = distill.teacher
+    source = f" Its teacher is the phema variant sigma_rel {teacher.sigma_rel:g}" + (
+        f", chosen by {teacher.chosen_by}." if teacher.chosen_by else ".")
+    nimg = duration_nimg if student.nimg is None else student.nimg
+    return f"The student is distill's generator after {nimg:,} of {duration_nimg:,} images ({how}).{stopped}{source}"
 
 
 def render(rows: list[dict[str, Any]], summary: list[str], notes: list[str], teacher: list[dict[str, Any]],

@@ -15,18 +15,20 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.data.encoders import encoder_from_info
 from pipeline.evaluation import Model, generate, student_model
+from pipeline.outputs import DistillOutputs, EncodeOutputs, PairsOutputs, PhemaOutputs
 
 
 def _student(st: store.Store, keys: dict[str, str]) -> Model:
-    model = Model("student", st.artifact("distill", keys["distill"]), "student.safetensors", None, 1)
+    model = Model("student", st.artifact("distill", keys["distill"]), DistillOutputs.file("weights"), None, 1)
     return student_model(model.artifact) if model.artifact.manifest() is not None else model
 
 
 def _teacher(cfg: C.Config, st: store.Store, keys: dict[str, str], sigma: str, steps: int | None) -> Model:
     """The phema variant at `sigma` (default: the one the pairs were made with, else pairs.sigma_rel)."""
-    pairs = st.artifact("pairs", keys["pairs"]).manifest()
-    sigma_rel = float(sigma) if sigma else pairs["outputs"]["teacher"]["sigma_rel"] if pairs else cfg.pairs.sigma_rel
-    return Model("teacher", st.artifact("phema", keys["phema"]), f"phema-{sigma_rel:.4f}.safetensors", sigma_rel,
+    pairs = st.artifact("pairs", keys["pairs"])
+    made = pairs.manifest() is not None
+    sigma_rel = float(sigma) if sigma else PairsOutputs.read(pairs).teacher.sigma_rel if made else cfg.pairs.sigma_rel
+    return Model("teacher", st.artifact("phema", keys["phema"]), PhemaOutputs.variant_file(sigma_rel), sigma_rel,
                  steps or cfg.eval.num_steps)
 
 
@@ -51,5 +53,5 @@ def sample_images(cfg: C.Config, which: str, seeds: list[int], steps: int | None
     """uint8 images [B, H, W, 3] of `seeds` (on the CPU), labelled `classes` if given."""
     keys, st = dag.cache_keys(dag.graph(), cfg), store.Store(cfg.storage)
     model = chosen_model(cfg, st, keys, which, steps)
-    encoder = encoder_from_info(st.artifact("encode", keys["encode"]).manifest()["outputs"]["encoder"])
+    encoder = encoder_from_info(EncodeOutputs.read(st.artifact("encode", keys["encode"])).encoder)
     return generate(model, model.load(), seeds, encoder, "cpu", classes)[0]

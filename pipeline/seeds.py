@@ -40,11 +40,10 @@ def validation_seeds(count: int) -> list[int]:
     return [VALIDATION_SEED_BASE + i for i in range(count)]
 
 
-def counts_per_class(encode_outputs: Mapping[str, object], num_classes: int) -> list[int]:
-    """The data's images per class (encode's manifest), for classes 0..num_classes-1; equal counts
-    where the manifest has none (a network whose classes the data does not list)."""
-    stored = encode_outputs.get("class_counts") or {}
-    counts = [int(stored.get(str(c), 0)) for c in range(num_classes)]  # type: ignore[union-attr]
+def counts_per_class(class_counts: Mapping[str, int], num_classes: int) -> list[int]:
+    """The data's images per class (encode's `class_counts`, keyed by the class as a string), for classes
+    0..num_classes-1; equal counts where it has none (a network whose classes the data does not list)."""
+    counts = [int(class_counts.get(str(c), 0)) for c in range(num_classes)]
     return counts if sum(counts) else [1] * num_classes
 
 

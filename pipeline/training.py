@@ -1,4 +1,4 @@
-"""Pieces every training loop (teacher, distill) shares: checkpoints, metrics, divergence guards,
+"""The training loop's pieces (pipeline/trainer.py): checkpoint files, metrics rows, the divergence guard,
 mixed precision.
 
 No Ray here: a loop gets a `TrainSession` from the executor; storage goes through `store`.
@@ -13,7 +13,7 @@ import os
 import pickle
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -81,21 +81,6 @@ class DivergenceGuard:
         """A logged loss is out of range: the state now is not one to checkpoint. (A non-finite step is
         not: its gradients were zeroed, so it changed nothing.)"""
         return any(self.bad_rows.values())
-
-
-def train_guarded(session: Any, nimg: int, duration_nimg: int, chunk: Callable[[int], int],
-                  stopped: Callable[[], bool] = lambda: False) -> bool:
-    """`nimg = chunk(nimg)` until `duration_nimg` or `stopped()` (an early stop that keeps the run). A
-    `Diverged` is reported as the run's last metrics rather than raised: every rank reaches the same
-    verdict, and a failed worker would be restarted by Ray Train from the last checkpoint only to
-    diverge again. False when the guard stopped the run."""
-    try:
-        while nimg < duration_nimg and not stopped():
-            nimg = chunk(nimg)
-        return True
-    except Diverged as e:
-        session.report({"nimg": nimg, "diverged": str(e)}, None)
-        return False
 
 
 def check_diverged(metrics: dict[str, Any], stage: str) -> None:
@@ -199,16 +184,19 @@ class MetricsLog:
             self.live.image(tag, image, nimg)
 
     def flush(self, artifact: store.Artifact, chunk_start: int) -> None:
-        """Rank 0 writes this chunk's rows as `metrics/{chunk_start}.jsonl` (and its TensorBoard event file);
-        after the run's last row its trackers' runs are closed."""
+        """Rank 0 writes this chunk's rows as `metrics/{chunk_start}.jsonl` (and its TensorBoard event file)."""
         if self.rank == 0 and self.rows:
             with artifact.open(f"metrics/{chunk_start:012d}.jsonl", "wb") as f:
                 f.write("".join(json.dumps(r, sort_keys=True) + "\n" for r in self.rows).encode())
         if self.live is not None:
             self.live.flush(artifact, chunk_start)
-            if self.rows and self.rows[-1]["nimg"] >= self.total:
-                self.live.close()
         self.rows = []
+
+    def close(self) -> None:
+        """The trackers' runs of this worker end with its training, however it ends: the last step, an early
+        stop, a divergence, an error."""
+        if self.live is not None:
+            self.live.close()
 
 
 def gather_metrics(artifact: store.Artifact) -> list[dict[str, Any]]:

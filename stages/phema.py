@@ -32,10 +32,6 @@ from pipeline.models import edm2_import
 
 
 
-def variant_name(sigma_rel: float) -> str:
-    return f"phema-{sigma_rel:.4f}.safetensors"
-
-
 def piece_name(sigma_rel: float) -> str:
     return f"variant-{sigma_rel:.4f}"
 
@@ -78,7 +74,7 @@ def select_snapshots(snapshots: list[dict[str, Any]], nimg: int) -> tuple[int, l
 
 def coefficients(used: list[dict[str, Any]], nimg: int, sigma_rels: tuple[float, ...]) -> np.ndarray:
     """[n_used, n_targets] snapshot weights of each target profile at time nimg (EDM2, Algorithm 3: A X = B)."""
-    names = [variant_name(s) for s in sigma_rels]
+    names = [PhemaOutputs.variant_file(s) for s in sigma_rels]
     if len(set(names)) != len(names):
         raise ValueError(f"phema.sigma_rels {list(sigma_rels)} name the same file twice "
                          "(files keep 4 decimals): remove the duplicates")
@@ -111,26 +107,27 @@ def make_variants(job: PhemaJob, targets: list[Target]) -> list[float]:
         return []
     weights = np.array([t.weights for t in todo]).T  # [n_snapshots, n_todo]
     for target, state in zip(todo, reconstruct(_snapshot_stream(job.snapshot_urls), weights)):
-        with job.artifact.open(variant_name(target.sigma_rel), "wb") as f:
+        name = PhemaOutputs.variant_file(target.sigma_rel)
+        with job.artifact.open(name, "wb") as f:
             f.write(weights_bytes(state))
-        job.artifact.commit_piece(piece_name(target.sigma_rel), {
-            "sigma_rel": target.sigma_rel, "file": variant_name(target.sigma_rel), "nimg": job.nimg},
-            files=[variant_name(target.sigma_rel)])
+        job.artifact.commit_piece(piece_name(target.sigma_rel), {"sigma_rel": target.sigma_rel, "file": name,
+                                                                 "nimg": job.nimg}, files=[name])
     return [t.sigma_rel for t in todo]
 
 
 def released_variant(artifact: Artifact, cfg: PhemaConfig, teacher: Artifact, release: dict[str, Any]) -> dict[str, Any]:
     """A released post-hoc reconstruction is one variant, of the EMA length in its name: it is copied."""
     sigma_rel = release["sigma_rel"]
-    if [variant_name(s) for s in cfg.sigma_rels] != [variant_name(sigma_rel)]:
+    name = PhemaOutputs.variant_file(sigma_rel)
+    if [PhemaOutputs.variant_file(s) for s in cfg.sigma_rels] != [name]:
         raise ValueError(f"teacher.release is a post-hoc reconstruction of sigma_rel {sigma_rel}, the one variant there "
                          f"is: set phema.sigma_rels=[{sigma_rel}] (and pairs.sigma_rel={sigma_rel}), or give "
                          "teacher.source=edm2-snapshots a folder of raw snapshots to reconstruct others")
     if not artifact.piece_done(piece_name(sigma_rel)):
-        with teacher.open(TeacherOutputs.file("network")) as src, artifact.open(variant_name(sigma_rel), "wb") as dst:
+        with teacher.open(TeacherOutputs.file("network")) as src, artifact.open(name, "wb") as dst:
             shutil.copyfileobj(src, dst, 8 << 20)
-        artifact.commit_piece(piece_name(sigma_rel), {"sigma_rel": sigma_rel, "file": variant_name(sigma_rel),
-                                                      "nimg": release["nimg"]}, files=[variant_name(sigma_rel)])
+        artifact.commit_piece(piece_name(sigma_rel), {"sigma_rel": sigma_rel, "file": name, "nimg": release["nimg"]},
+                              files=[name])
     return {"variants": [Variant(**artifact.read_piece(piece_name(sigma_rel)))], "nimg": release["nimg"],
             "snapshots_used": []}
 

@@ -29,7 +29,8 @@ from pipeline.data.encoders import decode_images, encoder_from_info
 from pipeline.data.shards import reader
 from pipeline.executor import Resources
 from pipeline.outputs import EncodeOutputs, RefstatsOutputs
-from pipeline.metrics.features import DOWNLOAD, NETWORKS, SETTING, load_network, metric_name, worker_network
+from pipeline.metrics.features import (DOWNLOAD, NETWORKS, SETTING, load_feature_network, metric_name,
+                                       worker_feature_network)
 from pipeline.metrics.dinov2 import DINOV2_DIM
 from pipeline.metrics.fid import FEATURE_DIM, FeatureStats
 from pipeline.models import unpickle
@@ -53,7 +54,7 @@ def shard_stats(job: ShardJob, item: tuple[str, int, int, int]) -> dict[str, dic
     """Per network, feature sums (FeatureStats.to_dict) of samples [start, stop) of one shard."""
     url, shard, start, stop = item
     encoder = encoder_from_info(job.encoder, job.device)
-    nets = {name: worker_network(name, weights, job.device) for name, weights in job.networks.items()}
+    nets = {name: worker_feature_network(name, weights, job.device) for name, weights in job.networks.items()}
     stats = {name: FeatureStats(net.dim) for name, net in nets.items()}
     seen = 0  # samples of the shard read so far
     for stored, _ in reader([url], job.batch):
@@ -171,7 +172,7 @@ def choose_networks(cfg: RefstatsConfig, log: Any, published: frozenset[str] = f
             skipped[name] = f"{SETTING[name]} is empty"
             continue
         try:
-            chosen[name] = (weights, load_network(name, weights, "cpu"))
+            chosen[name] = (weights, load_feature_network(name, weights, "cpu"))
         except ValueError as e:
             if strict:
                 raise

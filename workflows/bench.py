@@ -1,7 +1,7 @@
 """Benchmarks: each prints a table. Not tests: numbers depend on the machine.
 
     python workflows/bench.py encode      # encode images/s (1 vs 2 Ray workers), reader samples/s, status time
-    python workflows/bench.py train       # teacher images/s: NHWC vs NCHW, bare vs train_loop; GPU bf16 MFU
+    python workflows/bench.py train       # teacher images/s: NHWC vs NCHW, bare vs the training loop; GPU bf16 MFU
     python workflows/bench.py sample      # Heun sampler overhead, evaluate images/s (1 vs 2 workers), phema memory
     python workflows/bench.py pairs       # pairs/s (1 vs 2 Ray workers) against the forward-pass bound
     python workflows/bench.py distill     # one distill step against the sum of its passes, each timed alone

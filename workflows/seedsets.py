@@ -25,6 +25,7 @@ from pipeline import config as C  # noqa: E402
 from pipeline import dag, store  # noqa: E402
 from pipeline.evaluation import (EvalJob, evaluate_range, references, score, student_model,  # noqa: E402
                                  teacher_models)
+from pipeline.outputs import EncodeOutputs  # noqa: E402
 from pipeline.seeds import counts_per_class  # noqa: E402
 
 
@@ -47,9 +48,9 @@ def measure(cfg: C.Config, sets: int, device: str = "cpu") -> list[dict[str, Any
     evaluate row of fd_probe, class accuracy, precision and recall on that set's seeds."""
     arts = _artifacts(cfg)
     models = [*teacher_models(arts["phema"], cfg.eval.num_steps), student_model(arts["distill"])]
-    encode = arts["encode"].manifest()["outputs"]
-    job = EvalJob(models, encode["encoder"], {}, arts["probe"], {}, [], [], 0, cfg.eval.batch, cfg.seed, device,
-                  counts_per_class(encode, encode["num_classes"]))
+    encode = EncodeOutputs.read(arts["encode"])
+    job = EvalJob(models, encode.encoder, {}, arts["probe"], {}, [], [], 0, cfg.eval.batch, cfg.seed, device,
+                  counts_per_class(encode.class_counts, encode.num_classes))
     refs = references(arts["probe"], arts["refstats"], {})
     n, per_task = cfg.eval.num_images, cfg.eval.images_per_task
     rows = []

@@ -1,13 +1,13 @@
 """Distribution Matching Distillation: one-step generator, DM gradient, fake-score and LPIPS losses.
 
-papers.md, "DMD" and "DMD2". Score networks are denoisers `D(x, sigma, labels) -> x0`
+docs/algorithms.md, "One-step generator", "Distribution matching loss", "Fake score" and "LPIPS
+regression". Score networks are denoisers `D(x, sigma, labels) -> x0`
 (pipeline.diffusion.sampler's interface); the real score is the frozen teacher, the fake score a
 trainable copy of it fitted to the generator's outputs with the teacher's own loss.
 """
 
 import copy
 import warnings
-from collections.abc import Sequence
 from typing import Any
 
 import lpips
@@ -19,7 +19,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from pipeline import store
 from pipeline.diffusion.loss import LossOutput, edm2_loss
-from pipeline.diffusion.sampler import Denoiser, guided, seeded_draws, time_steps
+from pipeline.diffusion.sampler import Denoiser, guided, time_steps
 
 SIGMA_MAX = 80.0  # DMD: G(z) = D(sigma_max z, sigma_max) for an EDM teacher
 DM_EPS = 1e-8  # guards the per-sample normaliser of the DM gradient
@@ -27,7 +27,7 @@ LPIPS_BACKBONES = {"alex": "AlexNet_Weights", "vgg": "VGG16_Weights", "squeeze":
 
 
 class OneStepGenerator(nn.Module):
-    """G(z, labels) = D_G(sigma_max z, sigma_max, labels) (papers.md, DMD "Generator G"; DMD's
+    """G(z, labels) = D_G(sigma_max z, sigma_max, labels) (docs/algorithms.md, "One-step generator"; DMD's
     sigma_max is 80, the teacher's; a lower one, as SiD's 2.5, starts G where the teacher's output
     still depends on z).
 
@@ -75,16 +75,6 @@ def student_sample(generator: nn.Module, noise: torch.Tensor, labels: torch.Tens
     for sigma, n in zip(sigmas[1:], renoise):
         x = generator(x + sigma * n, labels, sigma=sigma)
     return x
-
-
-def seeded_student_sample(net: nn.Module, sigmas: list[float], seeds: list[int], device: torch.device | str,
-                          labels: Sequence[int] | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(images [B, C, H, W], labels [B] or None) of a student `net` (a Denoiser) with noise levels
-    `sigmas` for these seeds: noise, label and each later step's re-noising from each seed's generator
-    (`labels`, if given, replace the drawn ones), so a sample is the same in any batch."""
-    shape = (net.img_channels, net.img_resolution, net.img_resolution)
-    draws, labels = seeded_draws(seeds, shape, net.num_classes, len(sigmas), device, labels)
-    return student_sample(OneStepGenerator(net, sigmas[0]), draws[0], labels, sigmas, list(draws[1:])), labels
 
 
 def karras_sigmas(
@@ -140,7 +130,7 @@ def distribution_matching_loss(
     guidance: float = 1.0,
     guide: Denoiser | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DMD loss 0.5 * mse(x, stopgrad(x - grad)) for x = G(z) [B, C, H, W] (papers.md, DMD).
+    """DMD loss 0.5 * mse(x, stopgrad(x - grad)) for x = G(z) [B, C, H, W] (docs/algorithms.md, "Distribution matching loss").
 
     sigma [B], noise [B, C, H, W] unit Gaussian. The real score is guided as g + w (real - g)
     when guidance != 1. mse takes the mean over all B*C*H*W elements, so d loss / d x =

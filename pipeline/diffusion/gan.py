@@ -1,4 +1,5 @@
-"""DMD2's GAN term: a discriminator head on the fake score's encoder features (papers.md, DMD2).
+"""DMD2's GAN term: a discriminator head on the fake score's encoder features (docs/algorithms.md, "DMD2:
+two time-scale update and GAN").
 
 The head reads the fake score's UNet bottleneck (the encoder's output at its lowest resolution; DMD2's
 head) or every encoder output (`distill.gan_head: encoder`) for images noised at a sigma, and gives one

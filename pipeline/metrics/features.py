@@ -18,12 +18,12 @@ DOWNLOAD = {"inception": "clean-fid", "dinov2": "hub"}  # what "auto" tries: the
 SETTING = {"inception": "refstats.inception_weights", "dinov2": "refstats.dinov2_weights"}
 
 
-def load_network(name: str, weights: str, device: str = "cpu") -> Any:
+def load_feature_network(name: str, weights: str, device: str = "cpu") -> Any:
     """A fresh network (checks the weights: a ValueError names the setting and the fix)."""
     return {"inception": load_inception, "dinov2": load_dinov2}[name](weights, device)
 
 
-def worker_network(name: str, weights: str, device: str = "cpu") -> Any:
+def worker_feature_network(name: str, weights: str, device: str = "cpu") -> Any:
     """The network, built once per process (Ray workers run many tasks)."""
     return {"inception": worker_inception, "dinov2": worker_dinov2}[name](weights, device)
 

@@ -1,9 +1,11 @@
 """The distill stage on a tiny ci teacher: it trains, the regression loss falls, the student loads,
-a killed run resumes to the same student; validation keeps the best student and stops a collapse."""
+a killed run resumes to the same student; validation keeps the best student and stops a collapse
+(keep: best only), warns of a student kept from before any step, and the trackers' runs end with it."""
 
 import io
 import itertools
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -13,13 +15,18 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline import config as C
-from pipeline import dag, store
+from pipeline import dag, store, tracking
 from pipeline.data.encoders import encoder_from_info
-from pipeline.diffusion.dmd import OneStepGenerator, seeded_student_sample, student_sigmas
+from pipeline.diffusion.dmd import OneStepGenerator, student_sigmas
 from pipeline.diffusion.phema import sigma_rel_to_gamma
+from pipeline.distill import dmd
+from pipeline.distill.dmd import DMD
+from pipeline.distill.method import Method
+from pipeline.distill.validation import against_teacher, report_validation
 from pipeline.executor import InlineExecutor, InlineSession
 from pipeline.metrics.probe import ProbeFeatures
 from pipeline.metrics.validation import Reference, score
+from pipeline.sampling import Generator
 from pipeline.seeds import counts_per_class, scored_labels, validation_seeds
 from pipeline.training import Diverged
 from pipeline.weights import load_network, load_probe
@@ -127,11 +134,9 @@ def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, 
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_a_step_is_k_minus_1_fresh_fake_updates_then_one_on_gs_batch_then_g(storage, monkeypatch, k):
-    from stages import distill as D
-
     events, dm_inputs, fake_inputs = [], [], []
-    forward, dm_loss, fake_update, step = (OneStepGenerator.forward, D.distribution_matching_loss,
-                                           D.fake_update, D._step)
+    forward, dm_loss, fake_update, step = (OneStepGenerator.forward, dmd.distribution_matching_loss,
+                                           DMD.fake_update, Method.optimizer_step)
 
     def recording_forward(self, z, labels=None, sigma=None):
         events.append(f"G {len(z)}" + ("" if torch.is_grad_enabled() else " no grad"))
@@ -142,19 +147,19 @@ def test_a_step_is_k_minus_1_fresh_fake_updates_then_one_on_gs_batch_then_g(stor
         dm_inputs.append(x.detach().clone())
         return dm_loss(x, *args, **kwargs)
 
-    def recording_fake_update(nets, model, args, batch, device, x=None, labels=None):
+    def recording_fake_update(self, x=None, labels=None):
         events.append("fake update on " + ("G's batch" if x is not None else "a fresh batch"))
         if x is not None:
             fake_inputs.append(x.clone())
-        return fake_update(nets, model, args, batch, device, x, labels)
+        return fake_update(self, x, labels)
 
     def recording_step(*args):
         events.append("step")
         return step(*args)
 
-    for name, fn in (("distribution_matching_loss", recording_dm_loss), ("fake_update", recording_fake_update),
-                     ("_step", recording_step)):
-        monkeypatch.setattr(D, name, fn)
+    monkeypatch.setattr(dmd, "distribution_matching_loss", recording_dm_loss)
+    monkeypatch.setattr(DMD, "fake_update", recording_fake_update)
+    monkeypatch.setattr(Method, "optimizer_step", recording_step)
     monkeypatch.setattr(OneStepGenerator, "forward", recording_forward)
     cfg = _cfg(storage, f"distill.fake_updates_per_gen={k}", "distill.duration_nimg=16", "distill.log_nimg=8")
     dag.run(cfg, until="distill", executor=InlineExecutor())
@@ -194,18 +199,16 @@ NO_GUARD = ["distill.divergence_ratio=1e9"]  # the sabotage's fake-score loss wo
 def _sabotage_g_after(monkeypatch, steps: int) -> None:
     """From generator step `steps` + 1 on, every step ends by raising G's output gain by 3: saturated
     colour noise (fd_probe ~10x the untouched student's with the tests' probe)."""
-    from stages import distill as D
+    original, calls = Method.generator_step, itertools.count(1)
 
-    original, calls = D._g_step, itertools.count(1)
-
-    def g_step(nets, loss, args):
-        out = original(nets, loss, args)
+    def g_step(self, loss):
+        out = original(self, loss)
         if next(calls) > steps:
             with torch.no_grad():
-                nets.generator.denoiser.unet.out_gain.add_(3.0)
+                self.nets.generator.denoiser.unet.out_gain.add_(3.0)
         return out
 
-    monkeypatch.setattr(D, "_g_step", g_step)
+    monkeypatch.setattr(Method, "generator_step", g_step)
 
 
 def _rescore(cfg: C.Config) -> float:
@@ -216,9 +219,8 @@ def _rescore(cfg: C.Config) -> float:
     encode = _artifact(cfg, "encode").manifest()["outputs"]
     encoder = encoder_from_info(encode["encoder"])
     counts = counts_per_class(encode, encode["num_classes"])
-    sigmas = student_sigmas(cfg.distill.student_steps, cfg.distill.sigma_init)
-    figures = score(lambda seeds: seeded_student_sample(student, sigmas, seeds, "cpu", torch.tensor(scored_labels(seeds, counts))),
-                    encoder.decode,
+    generator = Generator.student(student, student_sigmas(cfg.distill.student_steps, cfg.distill.sigma_init))
+    figures = score(lambda seeds: generator(seeds, torch.tensor(scored_labels(seeds, counts)), "cpu"), encoder.decode,
                     ProbeFeatures(load_probe(probe), "cpu"), Reference(ref["mu"], ref["sigma"]),
                     validation_seeds(cfg.distill.val_images), 8, lambda t: t, torch.device("cpu"))
     return figures["fd_probe"]
@@ -238,17 +240,22 @@ def test_keep_best_commits_the_best_validated_student_when_the_last_steps_are_ma
     assert all(rows[p["nimg"]]["val_fd_probe"] == p["fd_probe"] for p in curve)  # the curve is in metrics.jsonl
 
 
-def test_keep_last_commits_the_last_step_even_when_it_is_worse(storage, monkeypatch):
-    _sabotage_g_after(monkeypatch, 8)
-    cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=96", "distill.early_stop_patience=0", "distill.keep=last",
-               *NO_GUARD)
+def test_keep_last_never_stops_early_and_commits_the_last_step_even_when_it_is_worse(storage, monkeypatch):
+    _sabotage_g_after(monkeypatch, 4)  # from image 32 on: a collapse that would stop a keep: best run at 96
+    cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=128", "distill.early_stop_ratio=1.5",
+               "distill.early_stop_patience=2", "distill.keep=last", *NO_GUARD)
     dag.run(cfg, until="distill", executor=InlineExecutor())
     out = _artifact(cfg, "distill").manifest()["outputs"]
-    assert out["validation"]["kept"]["nimg"] == out["student"]["nimg"] == 96
+    curve = out["validation"]["curve"]
+    assert [p["nimg"] for p in curve] == [0, 32, 64, 96, 128] and out["validation"]["stopped"] == ""
+    assert min(p["fd_probe"] for p in curve[2:]) > 1.5 * min(p["fd_probe"] for p in curve[:2])  # it did collapse
+    assert out["validation"]["kept"]["nimg"] == out["student"]["nimg"] == 128
     assert _rescore(cfg) == pytest.approx(out["validation"]["kept"]["fd_probe"], rel=1e-6)
 
 
 def test_a_collapse_stops_the_run_early_keeps_the_best_student_and_the_manifest_says_so(storage, monkeypatch, caplog):
+    closed = []
+    monkeypatch.setattr(tracking.LiveLog, "close", lambda live: closed.append(live.run.stage))
     _sabotage_g_after(monkeypatch, 4)  # from image 32 on
     cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=512", "distill.early_stop_ratio=1.5",
                "distill.early_stop_patience=2", *NO_GUARD)
@@ -262,6 +269,19 @@ def test_a_collapse_stops_the_run_early_keeps_the_best_student_and_the_manifest_
     assert _rows(art)[-1]["nimg"] == 96  # no step after the stop
     assert "distill: stopped early" in caplog.text
     assert _rescore(cfg) == pytest.approx(validation["kept"]["fd_probe"], rel=1e-6)
+    assert closed == ["distill"]  # the worker's tracker runs (W&B's) end with the early stop
+
+
+def test_a_student_kept_from_before_any_step_is_committed_with_a_warning(storage, monkeypatch, caplog):
+    _sabotage_g_after(monkeypatch, 0)  # every step wrecks G: no validation after the start beats it
+    cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=32", "distill.early_stop_patience=0", *NO_GUARD)
+    with caplog.at_level(logging.WARNING, logger="onestep"):
+        dag.run(cfg, until="distill", executor=InlineExecutor())
+    out = _artifact(cfg, "distill").manifest()["outputs"]
+    assert out["student"]["nimg"] == out["validation"]["kept"]["nimg"] == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    warning = next(w for w in warnings if "every validation after the start was worse than the first" in w)
+    assert "Try a lower distill.lr and distill.fake_lr (now 0.0001, 0.0001)" in warning
 
 
 def test_a_run_the_divergence_guard_stops_commits_its_best_validated_student_and_says_why(storage, monkeypatch):
@@ -310,7 +330,6 @@ def _pairs_manifest(chosen: float, selection: list[dict]) -> dict:
 
 
 def test_the_student_is_set_beside_the_teacher_pairs_chose_on_the_same_seeds_and_count():
-    from stages.distill import against_teacher
     selection = [{"sigma_rel": 0.05, "fd_probe": 20.0, "class_accuracy": 0.9, "count": 256},
                  {"sigma_rel": 0.1, "fd_probe": 15.0, "class_accuracy": 0.8, "count": 256}]
     kept = {"nimg": 960, "fd_probe": 30.0, "class_accuracy": 0.4, "count": 256}
@@ -326,13 +345,10 @@ def test_the_student_is_set_beside_the_teacher_pairs_chose_on_the_same_seeds_and
 
 def _reported(kept: dict, selection: list[dict], caplog) -> dict:
     """What distill's report makes of a validation.json with `kept`, beside pairs' `selection`."""
-    import logging
-    from types import SimpleNamespace
-    from stages.distill import _report_validation
     validation = {"curve": [kept], "kept": kept, "stopped": ""}
-    ctx = SimpleNamespace(artifact=SimpleNamespace(read_json=lambda name: validation), log=logging.getLogger("onestep"))
     with caplog.at_level(logging.INFO, logger="onestep"):
-        return _report_validation(ctx, C.DistillConfig(val_images=256), _pairs_manifest(0.1, selection))
+        return report_validation(logging.getLogger("onestep"), validation, C.DistillConfig(val_images=256),
+                                 _pairs_manifest(0.1, selection))
 
 
 def test_a_student_that_lost_its_classes_says_so_and_one_that_held_them_does_not(caplog):

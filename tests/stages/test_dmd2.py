@@ -14,15 +14,18 @@ from pipeline import dag, store
 from pipeline.data.encoders import encoder_from_info
 from pipeline.diffusion.dmd import OneStepGenerator, student_sigmas
 from pipeline.diffusion.gan import DiscriminatorHead, ScoreWithHead, generator_loss
+from pipeline.diffusion.loss import sample_sigma
 from pipeline.diffusion.sampler import seeded_noise
+from pipeline.distill.dmd import dm_loss, fake_means
+from pipeline.distill.dmd2 import DMD2
+from pipeline.distill.method import DistillArgs, Nets
+from pipeline.evaluation import generate, student_model
+from pipeline.executor import DDPJob, InlineExecutor, InlineSession
 from pipeline.weights import load_network
-from stages.evaluate import generate, student_model
-from pipeline.executor import InlineExecutor
-from stages import distill as D
 
-from helpers import DISTILL_TINY, DMD2
+import helpers
 
-TINY = [*DISTILL_TINY, *DMD2]
+TINY = [*helpers.DISTILL_TINY, *helpers.DMD2]
 
 
 def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
@@ -79,12 +82,21 @@ def pairs_cfg(tmp_path_factory) -> C.Config:
     return cfg
 
 
-def _args(cfg: C.Config, **distill: object) -> D.DistillArgs:
+def _args(cfg: C.Config, **distill: object) -> DistillArgs:
     phema, encode = _artifact(cfg, "phema"), _artifact(cfg, "encode").manifest()["outputs"]
     teacher = _artifact(cfg, "teacher").manifest()["config"]
     loss = {k: teacher[k] for k in ("P_mean", "P_std", "weighting", "min_snr_gamma", "use_uncertainty")}
-    return D.DistillArgs(replace(cfg.distill, **distill), loss, phema, "phema-0.1000.safetensors", "", [], [],
-                         encode["encoder"], None, _artifact(cfg, "distill"), 0)
+    return DistillArgs(replace(cfg.distill, **distill), loss, phema, "phema-0.1000.safetensors", "", [], [],
+                       encode["encoder"], None, _artifact(cfg, "distill"), 0)
+
+
+def _session() -> InlineSession:
+    """One CPU worker, as the inline executor runs a training job."""
+    return InlineSession(DDPJob("distill", "memory://dmd2/checkpoints"))
+
+
+def _method(args: DistillArgs) -> DMD2:
+    return DMD2.build(args, _session(), encoder_from_info(args.encoder))
 
 
 def test_a_bottleneck_head_reads_the_last_feature_map_only_and_an_encoder_head_every_one():
@@ -100,15 +112,15 @@ def test_a_bottleneck_head_reads_the_last_feature_map_only_and_an_encoder_head_e
 
 @pytest.mark.parametrize("gan_head", ["bottleneck", "encoder"])
 def test_the_heads_update_leaves_g_alone_and_gs_update_leaves_the_head_and_fake_score_alone(pairs_cfg, gan_head):
-    args = _args(pairs_cfg, gan_head=gan_head)
-    nets = D.build_nets(args, torch.device("cpu"))
+    method = _method(_args(pairs_cfg, gan_head=gan_head))
+    nets = method.nets
     assert isinstance(nets.fake, ScoreWithHead)
     assert len(nets.fake.head.branches) == (1 if gan_head == "bottleneck" else len(nets.real.unet.enc))
-    z, labels = D._latents(8, nets.real, torch.device("cpu"))
+    z, labels = method.latents(8)
     real = (torch.randn(8, 3, 16, 16) * 0.5, labels)
     x = nets.generator(z, labels)  # (a training-mode forward renormalises G's weights in place: first)
     g, head, score = _params(nets.generator), _params(nets.fake.head), _params(nets.fake.score)
-    info = D.fake_update(nets, nets.fake, args, 8, torch.device("cpu"), x, labels, real)
+    info = method.fake_update(real, x, labels)
     assert _moved(g, nets.generator) == set()
     assert _moved(head, nets.fake.head) == set(head) and _moved(score, nets.fake.score)  # the head learns, with the score
     assert {"loss_d", "d_acc_real", "d_acc_fake"} <= set(info)
@@ -117,7 +129,7 @@ def test_the_heads_update_leaves_g_alone_and_gs_update_leaves_the_head_and_fake_
     x = nets.generator(z, labels).float()
     g, head = _params(nets.generator), _params(nets.fake.head)
     fake_before = _fake_function(nets.fake, labels)
-    row = D.generator_update_dmd2(nets, nets.generator, args, 8, torch.device("cpu"), x, labels, {"finite": 1.0})
+    row = method.generator_update(x, labels, {"finite": 1.0})
     assert _moved(head, nets.fake.head) == set()
     # the fake score's training-mode forwards re-normalise its weights in place (EDM2's forced weight
     # normalisation): its function, which uses normalised weights anyway, is what must not change
@@ -162,30 +174,29 @@ class ShiftGenerator(nn.Module):
         return self.shift + S * z
 
 
-def _gaussian_setup(optimizer: type = torch.optim.Adam, **distill: float) -> tuple[D.DistillArgs, D.Nets]:
+def _gaussian_setup(optimizer: type = torch.optim.Adam, **distill: float) -> DMD2:
     torch.manual_seed(0)
     cfg = C.DistillConfig(**{"method": "dmd2", "lambda_reg": 0, "gan_d_weight": 1.0, "batch": 64, "reg_batch": 64,
                              "duration_nimg": 64, "checkpoint_nimg": 64, "log_nimg": 64, "grad_clip": 1e9,
                              "fake_updates_per_gen": 2, **distill})
-    args = D.DistillArgs(cfg, {"P_mean": -0.4, "P_std": 1.0, "weighting": "edm2", "min_snr_gamma": 5.0,
-                               "use_uncertainty": False}, None, "", "", [], [], {}, None, None, 0)
+    args = DistillArgs(cfg, {"P_mean": -0.4, "P_std": 1.0, "weighting": "edm2", "min_snr_gamma": 5.0,
+                             "use_uncertainty": False}, None, "", "", [], [], {}, None, None, 0)
     teacher = GaussianScore(0.0, trainable=False)
     fake = ScoreWithHead(GaussianScore(0.0, trainable=True), DiscriminatorHead([2], hidden=16))
     generator = ShiftGenerator(0.0)
-    nets = D.Nets(generator, fake, teacher, None, optimizer(generator.parameters(), lr=0.02),
-                  optimizer(fake.parameters(), lr=0.02))
-    return args, nets
+    nets = Nets(generator, fake, teacher, None, optimizer(generator.parameters(), lr=0.02),
+                optimizer(fake.parameters(), lr=0.02))
+    return DMD2(args, nets, _session())
 
 
 def _gaussian_run(gan_g_weight: float, steps: int = 150, **distill: float) -> float:
-    args, nets = _gaussian_setup(gan_g_weight=gan_g_weight, **distill)
-    generator, fake = nets.generator, nets.fake
-    device = torch.device("cpu")
+    method = _gaussian_setup(gan_g_weight=gan_g_weight, **distill)
+    generator = method.nets.generator
     for _ in range(steps):
-        fakes = [D.fake_update(nets, fake, args, 64, device, real=(1.0 + S * torch.randn(64, 2, 4, 4), None))]
+        fakes = [method.fake_update((1.0 + S * torch.randn(64, 2, 4, 4), None))]
         x = generator(torch.randn(64, 2, 4, 4))
-        fakes.append(D.fake_update(nets, fake, args, 64, device, x, None, real=(1.0 + S * torch.randn(64, 2, 4, 4), None)))
-        D.generator_update_dmd2(nets, generator, args, 64, device, x, None, D._fake_rows(fakes))
+        fakes.append(method.fake_update((1.0 + S * torch.randn(64, 2, 4, 4), None), x, None))
+        method.generator_update(x, None, fake_means(fakes))
     return float(generator.shift.detach().mean())
 
 
@@ -201,17 +212,18 @@ def test_gs_dmd2_step_follows_the_gradient_of_l_dm_plus_the_weighted_gan_loss():
     """The step combines the two losses' gradients at G's output and backpropagates their sum through G:
     with plain SGD the parameters move by -lr x the gradient of L_DM + w L_GAN taken the textbook way."""
     for distill in ({"gan_g_weight": 0.3}, {"gan_g_weight": 0.0, "gan_balance": 0.5}):
-        args, nets = _gaussian_setup(torch.optim.SGD, adam_beta1=0.0, weight_decay=0.0, **distill)
+        method = _gaussian_setup(torch.optim.SGD, adam_beta1=0.0, weight_decay=0.0, **distill)
+        nets = method.nets
         nets.fake.score.mean.data.fill_(0.3)  # a fake score that has learned something: L_DM has a gradient
         x_of = lambda: nets.generator(torch.randn(64, 2, 4, 4, generator=torch.Generator().manual_seed(1)))
         torch.manual_seed(2)
-        row = D.generator_update_dmd2(nets, nets.generator, args, 64, torch.device("cpu"), x_of(), None, {"finite": 1.0})
+        row = method.generator_update(x_of(), None, {"finite": 1.0})
         moved = -(nets.generator.shift.detach().clone() - 0.0) / 0.02
         nets.generator.shift.data.zero_()
         torch.manual_seed(2)  # the same sigmas and noise as the step drew
         x = x_of()
-        loss_dm, _ = D._dm_loss(nets, x, None, args, 64, torch.device("cpu"))
-        sigma = D.sample_sigma(64, -0.4, 1.0, None, torch.device("cpu"))
+        loss_dm, _ = dm_loss(method, x, None)
+        sigma = sample_sigma(64, -0.4, 1.0, None, torch.device("cpu"))
         _, logits = nets.fake(x + sigma.reshape(-1, 1, 1, 1) * torch.randn_like(x), sigma, None, return_logits=True)
         loss_gan = generator_loss(logits)
         if "gan_balance" in distill:  # the weight at which the GAN gradient at x is 0.5 x the DM one's norm
@@ -239,10 +251,10 @@ def test_a_students_noise_levels_are_the_head_of_a_karras_schedule():
 def test_sigma_init_moves_the_students_first_level_in_training_the_manifest_and_sampling(pairs_cfg):
     """G(z) = D(s z, s) at s = distill.sigma_init, from the start of training to evaluate's samples."""
     assert student_sigmas(2, 2.5) == pytest.approx([2.5, (2.5 ** (1 / 7) / 2 + 0.002 ** (1 / 7) / 2) ** 7])
-    args = _args(pairs_cfg, sigma_init=2.5)
-    nets = D.build_nets(args, torch.device("cpu"))
+    method = _method(_args(pairs_cfg, sigma_init=2.5))
+    nets = method.nets
     nets.generator.eval()
-    z, labels = D._latents(4, nets.real, torch.device("cpu"))
+    z, labels = method.latents(4)
     with torch.no_grad():
         torch.testing.assert_close(nets.generator(z, labels), nets.real(2.5 * z, torch.full((4,), 2.5), labels))
     cfg = C.load_config("ci", [*TINY, "distill.sigma_init=2.5", "distill.duration_nimg=16"], storage=pairs_cfg.storage)
@@ -262,22 +274,22 @@ def test_sigma_init_moves_the_students_first_level_in_training_the_manifest_and_
 
 def test_adam_beta1_is_both_optimizers_first_moment_decay(pairs_cfg):
     for beta1 in (0.0, 0.5):
-        nets = D.build_nets(_args(pairs_cfg, adam_beta1=beta1), torch.device("cpu"))
+        nets = DMD2.build_nets(_args(pairs_cfg, adam_beta1=beta1), torch.device("cpu"))
         for opt in (nets.opt_g, nets.opt_f):
             assert [g["betas"] for g in opt.param_groups] == [(beta1, 0.999)]
     with pytest.raises(ValueError, match="distill.adam_beta1"):
         C.load_config("ci", ["distill.adam_beta1=1"])
 
 def test_backward_simulation_is_the_students_own_earlier_step_renoised(pairs_cfg):
-    args = _args(pairs_cfg, student_steps=2)
-    nets = D.build_nets(args, torch.device("cpu"))
+    method = _method(_args(pairs_cfg, student_steps=2))
+    nets = method.nets
     nets.generator.eval()  # no in-place renormalisation between the two runs compared
     sigmas = student_sigmas(2)
     for seed in range(20):
         torch.manual_seed(seed)
-        x, labels = D.student_batch(nets, nets.generator, args, 4, torch.device("cpu"), grad=True)
+        x, labels = method.student_batch(nets.generator, 4, grad=True)
         torch.manual_seed(seed)  # the same draws, by hand: z and labels, the step, the re-noising
-        z, hand_labels = D._latents(4, nets.real, torch.device("cpu"))
+        z, hand_labels = method.latents(4)
         if int(torch.randint(2, ())) == 1:
             with torch.no_grad():
                 x1 = nets.generator(z, hand_labels) + sigmas[1] * torch.randn_like(z)  # step 1's input

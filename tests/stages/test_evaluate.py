@@ -79,7 +79,7 @@ def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
     encode = _artifact(cfg, "encode").manifest()["outputs"]
     model = Model("teacher", phema, "phema-0.0500.safetensors", 0.05, 3)
     job = EvalJob([model], encode["encoder"], {"inception": weights}, _artifact(cfg, "probe"), {}, [], [0], 1, 12,
-                  cfg.seed, "cpu", counts_per_class(encode, encode["num_classes"]))
+                  cfg.seed, "cpu", counts_per_class(encode["class_counts"], encode["num_classes"]))
     whole = evaluate_range(job, (0, 0, 12))
     stats = FeatureStats.from_dict(whole["stats"]["inception"])
     ref = np.load(refstats.path("inception.npz"))

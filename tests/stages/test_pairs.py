@@ -111,7 +111,7 @@ def _variant_figures(cfg: C.Config, sigma_rel: float) -> tuple[float, float]:
     net = load_network(_artifact(cfg, "phema"), "network", f"phema-{sigma_rel:.4f}.safetensors")
     seeds, encode = validation_seeds(cfg.pairs.select_images), _artifact(cfg, "encode").manifest()["outputs"]
     z, _ = seeded_noise(seeds, (3, 16, 16), net.num_classes, "cpu")
-    labels = torch.tensor(scored_labels(seeds, counts_per_class(encode, net.num_classes)))  # the data's proportions
+    labels = torch.tensor(scored_labels(seeds, counts_per_class(encode["class_counts"], net.num_classes)))  # the data's proportions
     decode = encoder_from_info(encode["encoder"]).decode
     features, predicted = ProbeFeatures(load_probe(_artifact(cfg, "probe")), "cpu").embed(
         decode(edm_sampler(net, z, labels, num_steps=cfg.pairs.num_steps)))

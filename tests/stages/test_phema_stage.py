@@ -13,6 +13,7 @@ from pipeline import dag, store
 from pipeline.diffusion.phema import solve_coefficients
 from pipeline.executor import InlineExecutor, Resources
 from pipeline.weights import load_network, read_weights
+from pipeline.outputs import PhemaOutputs
 from pipeline.stage import Stage
 from stages import phema as P
 
@@ -73,7 +74,7 @@ def storage(trained: Path, tmp_path: Path) -> str:
 
 
 def _variant(art: store.Artifact, sigma_rel: float) -> dict[str, torch.Tensor]:
-    return read_weights(art.path(P.variant_name(sigma_rel)))
+    return read_weights(art.path(PhemaOutputs.variant_file(sigma_rel)))
 
 
 def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
@@ -89,7 +90,7 @@ def test_tracked_lengths_reproduce_their_snapshot_and_others_the_weighted_sum(st
     used = [s for s in teacher if s["nimg"] <= target]
     assert out["nimg"] == target and out["snapshots_used"] == used and len(used) == 2 * target // 8
     assert [(v["sigma_rel"], v["file"], v["nimg"]) for v in out["variants"]] == [
-        (s, P.variant_name(s), target) for s in (0.05, 0.06, 0.075, 0.09, 0.1, 0.15)]
+        (s, PhemaOutputs.variant_file(s), target) for s in (0.05, 0.06, 0.075, 0.09, 0.1, 0.15)]
     snaps = [read_weights(_artifact(_cfg(storage), "teacher").path(s["file"])) for s in used]
     for s in used[-2:]:  # the two EMAs tracked during training, at the target time
         variant, snapshot = _variant(art, s["sigma_rel"]), snaps[used.index(s)]
@@ -130,7 +131,7 @@ def test_one_task_or_many_give_identical_files(storage):
 def test_rerun_after_a_crash_remakes_only_the_missing_variant(storage):
     art = _phema(storage, SIGMA_RELS)
     before = {v["file"]: store.read_bytes(art.path(v["file"])) for v in art.manifest()["outputs"]["variants"]}
-    for name in (P.variant_name(0.075), f"{store.PIECES}/{P.piece_name(0.075)}.json", store.MANIFEST):
+    for name in (PhemaOutputs.variant_file(0.075), f"{store.PIECES}/{P.piece_name(0.075)}.json", store.MANIFEST):
         store.remove(art.path(name))
     executor = RecordingExecutor()
     assert _phema(storage, SIGMA_RELS, executor=executor) == art

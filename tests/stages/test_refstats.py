@@ -180,7 +180,7 @@ def test_auto_skips_a_network_that_cannot_be_had_and_says_why(tmp_path, inceptio
             raise ValueError(f"cannot load the DINOv2 network refstats.dinov2_weights={weights!r}: no internet")
         return load_inception(weights, device)
 
-    monkeypatch.setattr(R, "load_network", offline)
+    monkeypatch.setattr(R, "load_feature_network", offline)
     outputs, stats = _refstats(_cfg(tmp_path, inception, "refstats.dinov2_weights=auto"))
     assert list(outputs["networks"]) == ["inception"] and "no internet" in outputs["skipped"]["dinov2"]
     with pytest.raises(ValueError, match="no internet"):  # asked for by name: an error, not a skip

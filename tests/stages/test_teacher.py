@@ -11,11 +11,11 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.data.shards import reader
 from pipeline.diffusion.loss import edm2_loss
+from pipeline import teacher as T
 from pipeline.executor import DDPJob, InlineExecutor, InlineSession, RayExecutor
-from pipeline.models.edm2 import MPConv
+from pipeline.models.edm2 import MPConv, build_denoiser
 from pipeline.training import STATE_FILE, Diverged
 from pipeline.weights import load_network, read_weights
-from stages import teacher as T
 
 STEPS_CFG = ["encode.num_images=200", "encode.shard_size=100", "teacher.batch=16",
              "teacher.checkpoint_nimg=32", "teacher.snapshot_nimg=32", "teacher.duration_nimg=64",
@@ -29,10 +29,14 @@ def _encoded(storage: str, *extra: str) -> tuple[C.Config, store.Artifact]:
     return cfg, store.Store(storage).artifact("encode", keys["encode"])
 
 
-def _args(cfg: C.Config, encode: store.Artifact, out: store.Artifact) -> T.LoopArgs:
+def _shard_urls(encode: store.Artifact) -> list[str]:
+    return [encode.path(name) for name in encode.manifest()["outputs"]["shards"]]
+
+
+def _args(cfg: C.Config, encode: store.Artifact, out: store.Artifact) -> T.TeacherArgs:
     net = T.build_network(cfg.teacher, encode.manifest()["outputs"])
-    return T.LoopArgs(cfg.teacher, net.config, T._shard_urls(encode), encode.manifest()["outputs"]["encoder"],
-                      out, cfg.seed)
+    return T.TeacherArgs(cfg.teacher, net.config, _shard_urls(encode), encode.manifest()["outputs"]["encoder"],
+                         out, cfg.seed)
 
 
 def _teacher(cfg: C.Config) -> store.Artifact:
@@ -48,7 +52,7 @@ def test_teacher_stage_trains_and_the_loss_falls(tmp_path):
     assert [r["nimg"] for r in rows] == list(range(128, 1025, 128))
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert all(r["nonfinite_steps"] == 0 and r["img_per_s"] > 0 for r in rows)
-    assert set(rows[-1]["loss_by_sigma"]) <= set(T._bucket_names())
+    assert set(rows[-1]["loss_by_sigma"]) <= set(T.bucket_names())
     # Snapshots of both EMAs every 256 images, listed in the index phema reads.
     assert [(s["nimg"], s["sigma_rel"]) for s in out["snapshots"]] == [
         (n, s) for n in (256, 512, 768, 1024) for s in (0.05, 0.1)]
@@ -59,11 +63,11 @@ def test_teacher_stage_trains_and_the_loss_falls(tmp_path):
     assert out["num_parameters"] == sum(p.numel() for p in net.parameters())
     # On a fixed batch with fixed noise the trained network denoises clearly better than at init.
     encode = store.Store(cfg.storage).artifact("encode", art.manifest()["upstream"]["encode"])
-    y, labels = next(iter(reader(T._shard_urls(encode), 64)))
+    y, labels = next(iter(reader(_shard_urls(encode), 64)))
     g = torch.Generator().manual_seed(0)
     sigma, noise = torch.exp(torch.randn(64, generator=g) * 1.6 - 0.8), torch.randn(y.shape, generator=g)
     torch.manual_seed(cfg.seed)
-    init = T.build_denoiser(**net.config).eval()
+    init = build_denoiser(**net.config).eval()
     err = {name: edm2_loss(m, y.float(), labels, sigma, noise).per_sample.mean().item()
            for name, m in (("init", init), ("trained", net))}
     assert err["trained"] < 0.9 * err["init"], err
@@ -72,7 +76,7 @@ def test_teacher_stage_trains_and_the_loss_falls(tmp_path):
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
     cfg, encode = _encoded(str(tmp_path / "data"))
     whole = store.Artifact(str(tmp_path / "whole"))
-    InlineExecutor().ddp(T.train_loop, _args(cfg, encode, whole), DDPJob("teacher", whole.path("checkpoints")))
+    InlineExecutor().ddp(T.train_worker, _args(cfg, encode, whole), DDPJob("teacher", whole.path("checkpoints")))
 
     class StopAfterFirstCheckpoint(InlineSession):
         def report(self, metrics, checkpoint_dir):
@@ -82,9 +86,9 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     resumed = store.Artifact(str(tmp_path / "resumed"))
     job = DDPJob("teacher", resumed.path("checkpoints"))
     with pytest.raises(KeyboardInterrupt):
-        T.train_loop(StopAfterFirstCheckpoint(job), _args(cfg, encode, resumed))
+        T.train_worker(StopAfterFirstCheckpoint(job), _args(cfg, encode, resumed))
     assert not resumed.exists("network.safetensors") and resumed.piece_done("snapshot-000000000032")
-    InlineExecutor().ddp(T.train_loop, _args(cfg, encode, resumed), job)
+    InlineExecutor().ddp(T.train_worker, _args(cfg, encode, resumed), job)
     for name in ("network.safetensors", T.snapshot_name(0.05, 64), T.snapshot_name(0.1, 32)):
         a, b = read_weights(whole.path(name)), read_weights(resumed.path(name))
         assert all(torch.equal(a[k], b[k]) for k in a), name
@@ -94,7 +98,7 @@ def _one_step(session, args):
     """One real train_step on this worker's slice of a fixed global batch; rank 0 saves the result."""
     batch, out, cfg, net_config = args
     torch.manual_seed(0)
-    net = T.build_denoiser(**net_config).train()
+    net = build_denoiser(**net_config).train()
     model = session.wrap(net)
     opt = torch.optim.Adam(net.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-8)
     per_rank = batch[0].shape[0] // session.world_size
@@ -108,7 +112,7 @@ def _one_step(session, args):
 
 def test_two_ddp_workers_match_one_worker(ray_session, tmp_path):
     cfg = C.load_config("ci").teacher
-    net_config = T.build_denoiser("ci", 16, 3, 10).config
+    net_config = build_denoiser("ci", 16, 3, 10).config
     g = torch.Generator().manual_seed(1)
     batch = (torch.randn(8, 3, 16, 16, generator=g) * 0.5, torch.randint(0, 10, (8,), generator=g),
              torch.exp(torch.randn(8, generator=g) * 1.2 - 0.5), torch.randn(8, 3, 16, 16, generator=g))
@@ -116,7 +120,7 @@ def test_two_ddp_workers_match_one_worker(ray_session, tmp_path):
     InlineExecutor().ddp(_one_step, (batch, one, cfg, net_config), DDPJob("t1", str(tmp_path / "c1")))
     RayExecutor().ddp(_one_step, (batch, two, cfg, net_config), DDPJob("t2", str(tmp_path / "c2"), num_workers=2))
     a, b = torch.load(one, weights_only=True), torch.load(two, weights_only=True)
-    init = T.build_denoiser(**net_config).state_dict()
+    init = build_denoiser(**net_config).state_dict()
     moved = [k for k in a if not torch.equal(a[k], init[k])]
     assert len(moved) > 10  # the step changed the weights, identically in both runs
     for k in a:
@@ -135,13 +139,13 @@ def _crash_once(session, args):
             os._exit(1)
 
     session.report = report_then_die
-    T.train_loop(session, loop_args)
+    T.train_worker(session, loop_args)
 
 
 def test_ray_train_resumes_from_checkpoint_after_a_lost_worker(ray_session, tmp_path):
     cfg, encode = _encoded(str(tmp_path / "data"))
     whole = store.Artifact(str(tmp_path / "whole"))
-    InlineExecutor().ddp(T.train_loop, _args(cfg, encode, whole), DDPJob("teacher", whole.path("checkpoints")))
+    InlineExecutor().ddp(T.train_worker, _args(cfg, encode, whole), DDPJob("teacher", whole.path("checkpoints")))
     crashed = store.Artifact(str(tmp_path / "crashed"))
     job = DDPJob("teacher", crashed.path("checkpoints"), num_workers=1, max_failures=1)
     RayExecutor().ddp(_crash_once, (_args(cfg, encode, crashed), str(tmp_path / "died")), job)
@@ -153,7 +157,7 @@ def test_ray_train_resumes_from_checkpoint_after_a_lost_worker(ray_session, tmp_
 def test_forced_weight_normalisation_keeps_trained_weights_unit_norm(tmp_path):
     cfg, encode = _encoded(str(tmp_path / "data"))
     out = store.Artifact(str(tmp_path / "t"))
-    InlineExecutor().ddp(T.train_loop, _args(cfg, encode, out), DDPJob("teacher", out.path("checkpoints")))
+    InlineExecutor().ddp(T.train_worker, _args(cfg, encode, out), DDPJob("teacher", out.path("checkpoints")))
     net = load_network(out, "network").train()
     net(torch.zeros(1, 3, 16, 16), torch.ones(1), torch.zeros(1, dtype=torch.long))  # normalises in place
     for m in net.modules():

@@ -8,6 +8,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline import report
+from pipeline.outputs import DistillOutputs, ProbeOutputs, RefstatsOutputs
 
 ROWS = [  # what evaluate's `score` makes: two teacher variants, a student, the real row
     {"model": "teacher", "label": "teacher sigma_rel=0.050", "sigma_rel": 0.05, "steps": 8, "nfe": 15, "fd_probe": 2.0,
@@ -101,24 +102,26 @@ def test_the_notes_say_what_each_figure_is_measured_against():
     refstats = {"networks": {"inception": {"metric_name": "FD (random-weight Inception)", "count": 64,
                                            "source": "encode", "random": True}},
                 "skipped": {"dinov2": "no weights"}}
-    notes = report.measurement_notes(32, probe, refstats, 40)
+    notes = report.measurement_notes(32, ProbeOutputs.from_dict(probe), RefstatsOutputs.from_dict(refstats), 40)
     assert notes[0].startswith("32 generated images per model")
     assert "(held-out accuracy 90.0%, chance 10.0%) against its 480 training images; the real row is 40" in notes[1]
     assert notes[2] == ("FD (random-weight Inception) against 64 reference statistics (encode). The Inception network "
                         "has fixed RANDOM weights: not FID, comparable only with itself.")
     assert notes[3] == "dinov2: not computed (no weights)."
-    assert len(report.measurement_notes(32, {"enabled": False}, {"networks": {}, "skipped": {}}, 0)) == 1
+    assert len(report.measurement_notes(32, ProbeOutputs(enabled=False), RefstatsOutputs({}, {}), 0)) == 1
 
 
 def test_the_student_note_says_which_checkpoint_and_which_teacher():
-    manifest = {"config": {"duration_nimg": 1024},
-                "outputs": {"student": {"nimg": 512, "keep": "best"},
-                            "validation": {"curve": [{}, {}, {}], "stopped": "fd_probe above 2x its best"},
-                            "teacher": {"sigma_rel": 0.1, "chosen_by": "pairs.sigma_rel"}}}
-    assert report.student_note(manifest) == (
+    student = {"file": "student.safetensors", "config": "student.json", "nfe": 1}
+    best = DistillOutputs.from_dict({
+        "student": {**student, "nimg": 512, "keep": "best"}, "metrics": {}, "train_wall_time_s": 1.0,
+        "validation": {"curve": [{}, {}, {}], "stopped": "fd_probe above 2x its best"},
+        "teacher": {"sigma_rel": 0.1, "file": "phema-0.1000.safetensors", "chosen_by": "pairs.sigma_rel"}})
+    assert report.student_note(best, 1024) == (
         "The student is distill's generator after 512 of 1,024 images (the best of its 3 validations by fd_probe on "
         "validation seeds, not these). The run stopped early: fd_probe above 2x its best. Its teacher is the phema "
         "variant sigma_rel 0.1, chosen by pairs.sigma_rel.")
-    last = {"config": {"duration_nimg": 1024}, "outputs": {"student": {}, "teacher": {"sigma_rel": 0.05}}}
-    assert report.student_note(last) == ("The student is distill's generator after 1,024 of 1,024 images (its last "
+    last = DistillOutputs.from_dict({"student": student, "teacher": {"sigma_rel": 0.05, "file": "phema-0.0500.safetensors"},
+                                     "validation": {}, "metrics": {}, "train_wall_time_s": 1.0})
+    assert report.student_note(last, 1024) == ("The student is distill's generator after 1,024 of 1,024 images (its last "
                                          "step). Its teacher is the phema variant sigma_rel 0.05.")

@@ -52,7 +52,7 @@ def test_a_scored_samples_class_depends_on_its_seed_alone():
     seeds, counts = validation_seeds(100), [4, 1, 3]
     whole = scored_labels(seeds, counts)
     assert scored_labels(seeds[1::2], counts) == whole[1::2] and scored_labels(seeds[37:41], counts) == whole[37:41]
-    assert counts_per_class({"class_counts": {"0": 5, "2": 7}}, 3) == [5, 0, 7]
+    assert counts_per_class({"0": 5, "2": 7}, 3) == [5, 0, 7]
     assert counts_per_class({}, 3) == [1, 1, 1]  # no counts recorded: equal shares
 
 
@@ -112,3 +112,13 @@ def test_watch_without_keep_best_holds_no_weights_and_patience_0_never_stops():
     for nimg, fd in enumerate([1.0, 50.0, 60.0, 70.0, 80.0]):
         watch.add(nimg, {"fd_probe": fd}, _weights(nimg))
     assert watch.best_weights is None and watch.best["fd_probe"] == 1.0 and watch.worse == 4 and not watch.stopped
+
+
+def test_with_keep_last_a_collapse_never_stops_the_run_and_the_last_validation_is_kept():
+    """Stopping early would commit the collapsed last student: keep: last runs to its end."""
+    last, best = Watch(keep_best=False, ratio=2.0, patience=2), Watch(keep_best=True, ratio=2.0, patience=2)
+    for watch in (last, best):
+        for nimg, fd in enumerate([4.0, 1.0, 5.0, 6.0, 7.0]):
+            watch.add(nimg, {"fd_probe": fd}, _weights(nimg))
+    assert last.worse == 3 and not last.stopped and last.kept == last.curve[-1] == {"nimg": 4, "fd_probe": 7.0}
+    assert "above 2 x its best (1 at 1 images)" in best.stopped and best.kept == best.best == {"nimg": 1, "fd_probe": 1.0}

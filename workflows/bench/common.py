@@ -17,9 +17,9 @@ from pipeline import config as C
 from pipeline import store
 from pipeline.data.encoders import RgbEncoder
 from pipeline.diffusion.sampler import seeded_noise
+from pipeline.distill.method import DistillArgs
 from pipeline.models.edm2 import Denoiser, build_denoiser
 from pipeline.weights import save_network
-from stages import distill as D
 
 Row = tuple[str, str, str]  # (measure, value, target)
 Pass = tuple[str, int, Callable[[], Any]]  # (what, times per step, call)
@@ -105,12 +105,12 @@ LOSS_KEYS = ("P_mean", "P_std", "weighting", "min_snr_gamma", "use_uncertainty")
 DMD2_SETTINGS = {"method": "dmd2", "lambda_reg": 0.0, "fake_updates_per_gen": 5}  # DMD2's rule (docs/stages.md)
 
 
-def distill_args(preset: str, root: str, method: str = "dmd") -> D.DistillArgs:
+def distill_args(preset: str, root: str, method: str = "dmd") -> DistillArgs:
     cfg = C.load_config(preset)
     distill = dataclasses.replace(cfg.distill, **DMD2_SETTINGS) if method == "dmd2" else cfg.distill
     teacher = teacher_artifact(root, preset_network(preset))
-    return D.DistillArgs(distill, {k: getattr(cfg.teacher, k) for k in LOSS_KEYS}, teacher, "network.safetensors",
-                         "", [], [], RgbEncoder().info(), None, store.Artifact(f"{root}/distill"), 0)
+    return DistillArgs(distill, {k: getattr(cfg.teacher, k) for k in LOSS_KEYS}, teacher, "network.safetensors",
+                       "", [], [], RgbEncoder().info(), None, store.Artifact(f"{root}/distill"), 0)
 
 
 def pair_batches(net: Denoiser, reg_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:

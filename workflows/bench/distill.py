@@ -13,11 +13,12 @@ from functools import partial
 
 import torch
 
-from pipeline.data.encoders import encoder_from_info, lpips_decoder
-from pipeline.diffusion.dmd import distribution_matching_loss, fake_score_loss, load_lpips, lpips_regression_loss
+from pipeline.data.encoders import encoder_from_info
+from pipeline.diffusion.dmd import distribution_matching_loss, fake_score_loss, lpips_regression_loss, sample_dm_sigma
 from pipeline.diffusion.loss import sample_sigma
+from pipeline.distill.dmd import DMD
+from pipeline.executor import DDPJob, InlineSession
 from pipeline.training import CPU_BF16
-from stages import distill as D
 
 from . import dmd2
 from .common import Pass, backward, distill_args, pair_batches, step_rows, table
@@ -30,16 +31,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", default="dmd", choices=("dmd", "dmd2"))
 
 
-def _distill_passes(nets: D.Nets, lpips: torch.nn.Module, args: D.DistillArgs) -> list[Pass]:
+def _distill_passes(method: DMD) -> list[Pass]:
     """Each forward/backward a distill step does, to be timed alone: (what, times per step, call)."""
-    cfg, loss, g = args.cfg, args.teacher_loss, nets.generator
+    nets, lpips, cfg, loss = method.nets, method.lpips, method.cfg, method.args.teacher_loss
+    g = nets.generator
     b, r, size = cfg.batch, cfg.reg_batch, cfg.lpips_size
     z = torch.randn(b + r, g.denoiser.img_channels, g.denoiser.img_resolution, g.denoiser.img_resolution)
     labels = torch.randint(g.denoiser.num_classes, (b + r,))
     with torch.no_grad():
         x = g(z, labels)
     sigma, noise = sample_sigma(b, loss["P_mean"], loss["P_std"], None, "cpu"), torch.randn_like(x[:b])
-    dm_sigma = D.sample_dm_sigma(b, None, "cpu")
+    dm_sigma = sample_dm_sigma(b, None, "cpu")
     pixels = x[b:].clamp(-1, 1)
     k = cfg.fake_updates_per_gen  # fake updates per step; all but the last make a fresh batch of G
     per_step = f" (x{k} per step)" if k > 1 else ""
@@ -70,18 +72,11 @@ def run(a: argparse.Namespace) -> None:
         dmd2.run(a)
         return
     torch.set_num_threads(a.threads)
-    cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         args = distill_args(a.preset, tmp)
-        nets = D.build_nets(args, cpu)
+        method = DMD.build(args, InlineSession(DDPJob("distill", f"{tmp}/checkpoints")), encoder_from_info(args.encoder))
     cfg = args.cfg
-    lpips = load_lpips(cfg.lpips_net, cfg.lpips_pretrained, cfg.lpips_weights)
-    to_pixels = lpips_decoder(encoder_from_info(args.encoder), cfg.lpips_decoder)  # as distill's train_loop
-    pairs = pair_batches(nets.real, cfg.reg_batch)
-
-    def step() -> None:
-        D.train_step(nets, nets.generator, nets.fake, pairs, to_pixels, lpips, args, cfg.batch, cpu)
-
+    method.pairs = pair_batches(method.nets.real, cfg.reg_batch)  # in place of the pairs' shards
     pretrained = "pretrained" if cfg.lpips_pretrained else "random"
     title = f"distill step ms, {a.preset} preset (LPIPS {cfg.lpips_net} {pretrained}; CPU, {a.threads} thr)"
-    table(step_rows(title, step, _distill_passes(nets, lpips, args), a.iters, "~1 (rest: optimiser, clipping)"))
+    table(step_rows(title, method.step, _distill_passes(method), a.iters, "~1 (rest: optimiser, clipping)"))

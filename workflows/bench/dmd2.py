@@ -16,17 +16,20 @@ from typing import Any
 
 import torch
 
-from pipeline.data.encoders import encoder_from_info, lpips_decoder
-from pipeline.diffusion.dmd import distribution_matching_loss, load_lpips
+from pipeline.data.encoders import encoder_from_info
+from pipeline.diffusion.dmd import distribution_matching_loss, sample_dm_sigma
 from pipeline.diffusion.loss import sample_sigma
-from stages import distill as D
+from pipeline.distill.dmd import DMD
+from pipeline.distill.dmd2 import DMD2
+from pipeline.executor import DDPJob, InlineSession
 
 from .common import Pass, backward, distill_args, pair_batches, reset_peak_rss, rss_bytes, step_rows, table
 
 
-def _dmd2_passes(nets: D.Nets, args: D.DistillArgs) -> list[Pass]:
+def _dmd2_passes(method: DMD2) -> list[Pass]:
     """Each forward/backward a DMD2 step does, to be timed alone: (what, times per step, call)."""
-    cfg, loss, g = args.cfg, args.teacher_loss, nets.generator
+    nets, cfg, loss = method.nets, method.cfg, method.args.teacher_loss
+    g = nets.generator
     b, k = cfg.batch, cfg.fake_updates_per_gen
     z = torch.randn(b, g.denoiser.img_channels, g.denoiser.img_resolution, g.denoiser.img_resolution)
     labels = torch.randint(g.denoiser.num_classes, (b,))
@@ -55,7 +58,7 @@ def _dmd2_passes(nets: D.Nets, args: D.DistillArgs) -> list[Pass]:
             (f"G forward, no grad, {b} images (x{k - 1} per step)", k - 1, no_grad_g),
             (f"G forward+backward, {b} images", 1, partial(backward, lambda: g(z, labels).square().mean(), g)),
             (f"real + fake score forwards (DM gradient), {b} images", 1,
-             lambda: distribution_matching_loss(x, labels, nets.real, nets.fake, D.sample_dm_sigma(b, None, "cpu"),
+             lambda: distribution_matching_loss(x, labels, nets.real, nets.fake, sample_dm_sigma(b, None, "cpu"),
                                                 torch.randn_like(x))),
             (f"fake score + head forward+backward to the images (G's GAN term), {b} images", 1, g_gan)]
 
@@ -70,27 +73,18 @@ def _peak_step_bytes(step: Callable[[], Any]) -> int:
 
 def run(a: argparse.Namespace) -> None:
     torch.set_num_threads(a.threads)
-    cpu = torch.device("cpu")
     with tempfile.TemporaryDirectory() as tmp:
         args, dmd_args = distill_args(a.preset, tmp, "dmd2"), distill_args(a.preset, tmp)
-        nets, dmd_nets = D.build_nets(args, cpu), D.build_nets(dmd_args, cpu)
-    cfg, encoder = args.cfg, encoder_from_info(args.encoder)
-    shape = (cfg.batch, nets.real.img_channels, nets.real.img_resolution, nets.real.img_resolution)
-    reals = itertools.repeat((0.5 * torch.randn(shape), torch.randint(nets.real.num_classes, (cfg.batch,))))
-
-    def step() -> None:
-        D.train_step_dmd2(nets, nets.generator, nets.fake, reals, encoder, args, cfg.batch, cpu)
-
-    lpips = load_lpips(dmd_args.cfg.lpips_net, dmd_args.cfg.lpips_pretrained, dmd_args.cfg.lpips_weights)
-    to_pixels = lpips_decoder(encoder, dmd_args.cfg.lpips_decoder)
-    pairs = pair_batches(dmd_nets.real, dmd_args.cfg.reg_batch)
-
-    def dmd_step() -> None:
-        D.train_step(dmd_nets, dmd_nets.generator, dmd_nets.fake, pairs, to_pixels, lpips, dmd_args, cfg.batch, cpu)
-
+        session, encoder = InlineSession(DDPJob("distill", f"{tmp}/checkpoints")), encoder_from_info(args.encoder)
+        method, dmd = DMD2.build(args, session, encoder), DMD.build(dmd_args, session, encoder)
+    cfg, real = args.cfg, method.nets.real
+    shape = (cfg.batch, real.img_channels, real.img_resolution, real.img_resolution)
+    # in place of the encode shards and the pairs' shards
+    method.reals = itertools.repeat((0.5 * torch.randn(shape), torch.randint(real.num_classes, (cfg.batch,))))
+    dmd.pairs = pair_batches(dmd.nets.real, dmd_args.cfg.reg_batch)
     title = f"DMD2 step ms, {a.preset} preset ({cfg.fake_updates_per_gen} fake-side updates; CPU, {a.threads} thr)"
-    rows = step_rows(title, step, _dmd2_passes(nets, args), a.iters, "<= 1.1")
-    dmd2_peak, dmd_peak = _peak_step_bytes(step), _peak_step_bytes(dmd_step)
+    rows = step_rows(title, method.step, _dmd2_passes(method), a.iters, "<= 1.1")
+    dmd2_peak, dmd_peak = _peak_step_bytes(method.step), _peak_step_bytes(dmd.step)
     table([*rows,
            ("peak memory rise of a DMD2 step, MB", f"{dmd2_peak / 2**20:.0f}", ""),
            ("peak memory rise of a DMD step (LPIPS regression), MB", f"{dmd_peak / 2**20:.0f}", "")])

@@ -27,8 +27,8 @@ from pipeline.data.shards import shard_name, write_shard
 from pipeline.diffusion.loss import edm2_loss, sample_sigma
 from pipeline.executor import DDPJob, InlineExecutor
 from pipeline.models.edm2 import Denoiser, build_denoiser
+from pipeline.teacher import Round, TeacherArgs, train_worker
 from pipeline.training import CPU_BF16, cpu_has_bf16_units, gather_metrics
-from stages import teacher as T
 
 from .common import Row, median_seconds, table
 
@@ -72,34 +72,34 @@ CI = TrainSetting("ci", 16, 10, 32, RgbEncoder().info(), bare_iters=10, steps_pe
 XS = TrainSetting("XS", 64, 1000, 4, _vae_info(), bare_iters=3, steps_per_row=1, rows=3)
 
 
-def _round(batch: int, channels: int, resolution: int, num_classes: int, device: torch.device) -> T.Round:
+def _round(batch: int, channels: int, resolution: int, num_classes: int, device: torch.device) -> Round:
     cfg = C.TeacherConfig()  # the default noise levels
     y = 0.5 * torch.randn(batch, channels, resolution, resolution, device=device)
     labels = torch.randint(0, num_classes, (batch,), device=device)
     noise = torch.randn_like(y)
-    y, noise = (t.contiguous(memory_format=torch.channels_last) for t in (y, noise))  # train_loop's layout
-    return T.Round(y, labels, sample_sigma(batch, cfg.P_mean, cfg.P_std, None, device), noise)
+    y, noise = (t.contiguous(memory_format=torch.channels_last) for t in (y, noise))  # the loop's layout (pipeline/teacher.py)
+    return Round(y, labels, sample_sigma(batch, cfg.P_mean, cfg.P_std, None, device), noise)
 
 
-def _forward_backward(net: Denoiser, r: T.Round, bf16: bool) -> None:
+def _forward_backward(net: Denoiser, r: Round, bf16: bool) -> None:
     net.zero_grad(set_to_none=True)
     with torch.autocast(r.y.device.type, torch.bfloat16, enabled=bf16):
         edm2_loss(net, r.y, r.labels, r.sigma, r.noise).loss.backward()
 
 
-def _step_seconds(net: Denoiser, r: T.Round, warmup: int, iters: int, bf16: bool = False) -> float:
+def _step_seconds(net: Denoiser, r: Round, warmup: int, iters: int, bf16: bool = False) -> float:
     """Median wall time of one forward+backward after `warmup` untimed ones."""
     return median_seconds(partial(_forward_backward, net, r, bf16), warmup, iters)
 
 
 def _layout_rows(iters: int = 10) -> list[Row]:
-    """The demo teacher's forward+backward (batch 64) on the channels-last images train_loop feeds it,
+    """The demo teacher's forward+backward (batch 64) on the channels-last images the loop feeds it,
     against the same images in NCHW, and in bf16 autocast (the default on CPUs with AMX), interleaved."""
     cfg = C.load_config("demo").teacher
     torch.manual_seed(0)
     net = build_denoiser("demo", 16, 3, 10, **cfg.network_overrides()).train()
     r = _round(cfg.batch, 3, 16, 10, torch.device("cpu"))
-    nchw = T.Round(r.y.contiguous(), r.labels, r.sigma, r.noise.contiguous())
+    nchw = Round(r.y.contiguous(), r.labels, r.sigma, r.noise.contiguous())
     runs = {"NCHW": (nchw, False), "NHWC": (r, False), "NHWC bf16": (r, True)}
     rates: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(3):
@@ -108,7 +108,7 @@ def _layout_rows(iters: int = 10) -> list[Row]:
     nchw_rate, nhwc_rate, bf16_rate = (statistics.median(v) for v in rates.values())
     amx = "this CPU has AMX" if cpu_has_bf16_units() else "this CPU has no AMX: bf16 is emulated"
     return [("demo teacher forward+backward images/s, batch 64, NCHW", f"{nchw_rate:.3g}", ""),
-            ("same, channels-last (NHWC, as train_loop feeds it)", f"{nhwc_rate:.3g}", ""),
+            ("same, channels-last (NHWC, as the loop feeds it)", f"{nhwc_rate:.3g}", ""),
             ("NHWC / NCHW", f"{nhwc_rate / nchw_rate:.2f}x", "> 1 on CPUs"),
             ("same, NHWC in bf16 autocast", f"{bf16_rate:.3g}", ""),
             (f"bf16 / fp32, NHWC ({amx})", f"{bf16_rate / nhwc_rate:.2f}x", "> 1 with AMX")]
@@ -153,9 +153,9 @@ def _loop_rate(s: TrainSetting, root: str) -> float:
                           shuffle_buffer=200)
     net_config = build_denoiser(s.preset, s.resolution, s.channels, s.num_classes).config
     artifact = store.Artifact(store.join(root, "teacher"))
-    args = T.LoopArgs(cfg, net_config, _write_data(s, store.join(root, "encode")), s.encoder, artifact, seed=0)
+    args = TeacherArgs(cfg, net_config, _write_data(s, store.join(root, "encode")), s.encoder, artifact, seed=0)
     with contextlib.redirect_stdout(io.StringIO()):  # the loop's progress lines
-        InlineExecutor().ddp(T.train_loop, args, DDPJob("teacher", artifact.path("checkpoints")))
+        InlineExecutor().ddp(train_worker, args, DDPJob("teacher", artifact.path("checkpoints")))
     return statistics.median(row["img_per_s"] for row in gather_metrics(artifact)[1:])
 
 
@@ -188,8 +188,8 @@ def run(a: argparse.Namespace) -> None:
         for s in (CI, XS):
             bare, loop = _bare_rate(s), _loop_rate(s, f"{tmp}/{s.preset}")
             rows += [(f"bare forward+backward images/s, {s} (CPU fp32)", f"{bare:.3g}", ""),
-                     ("train_loop images/s, same (median metrics row after the first)", f"{loop:.3g}", ""),
-                     ("train_loop overhead, 1 - loop / bare", f"{1 - loop / bare:.1%}", "<= 10%")]
+                     ("training loop images/s, same (median metrics row after the first)", f"{loop:.3g}", ""),
+                     ("training loop overhead, 1 - loop / bare", f"{1 - loop / bare:.1%}", "<= 10%")]
     gpu = torch.cuda.is_available()
     table(rows + (gpu_rows(a.gpu_batch, a.peak_tflops) if gpu else []))
     if not gpu:
