@@ -577,6 +577,12 @@ def _build(cls: type, data: dict[str, Any], section: str) -> Any:
     return cls(**kwargs)
 
 
+def section_from_dict(cls: type, data: dict[str, Any]) -> Any:
+    """A config section as a committed manifest recorded it (fields it no longer has are left out)."""
+    names = {f.name for f in _fields(cls)}
+    return _build(cls, {k: v for k, v in data.items() if k in names}, "")
+
+
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for k, v in over.items():

@@ -129,7 +129,7 @@ def costs(cfg: C.Config) -> list[Cost]:
 
     steps = d.duration_nimg // d.batch
     real = 2 if d.guidance != 1.0 else 1
-    # per step (stages/distill.py: train_step): G forward+backward on both batches, the fake score's update on
+    # per step (pipeline/distill/dmd.py: DMD.step): G forward+backward on both batches, the fake score's update on
     # G's DM batch, the real (x2 guided) and fake scores' forwards for the DM gradient, and each extra
     # fake-score update of DMD2's rule on a fresh G forward
     per_step = (3 * (d.batch + d.reg_batch) + 3 * d.batch + (real + 1) * d.batch

@@ -33,7 +33,7 @@ from pipeline.outputs import DistillOutputs, PhemaOutputs
 from pipeline.sampling import Generator
 from pipeline.seeds import evaluation_seeds, mix_seed, scored_labels
 from pipeline.store import Artifact
-from pipeline.weights import load_network as load_denoiser
+from pipeline.weights import load_denoiser
 from pipeline.weights import load_probe
 
 Result = dict[str, Any]  # what a task returns: model, count, features, correct, labelled, stats, grid, real, seconds

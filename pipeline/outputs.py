@@ -217,6 +217,13 @@ class EvalOutputs(Outputs):
     best_teacher_class_accuracy: float | None
 
 
+def made_with(artifact: Any, section: type) -> Any:
+    """The config section (a pipeline.config dataclass) a committed artifact was made with."""
+    from pipeline.config import section_from_dict
+
+    return section_from_dict(section, artifact.manifest()["config"])
+
+
 RECORDS: dict[str, type] = {"Variant": Variant, "list[Variant]": Variant, "ChosenTeacher": ChosenTeacher,
                             "Student": Student}
 

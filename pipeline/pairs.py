@@ -19,7 +19,7 @@ from pipeline.data.shards import iterate_samples, load_npy, shard_name, write_sh
 from pipeline.models.edm2_import import load_guide
 from pipeline.sampling import Generator
 from pipeline.store import Artifact
-from pipeline.weights import load_network
+from pipeline.weights import load_denoiser
 
 PREFIX = "shards/pairs"
 
@@ -40,7 +40,7 @@ def piece_name(shard: int) -> str:
 
 def teacher_generator(job: PairsJob, weights: str) -> Generator:
     """The variant `weights` of the phema artifact with the pairs' sampler: Heun steps, guidance and guide."""
-    net = load_network(job.teacher, "network", weights).to(job.device)
+    net = load_denoiser(job.teacher, "network", weights).to(job.device)
     guide = load_guide(job.guide).to(job.device) if job.guide else None
     return Generator.teacher(net, job.cfg.num_steps, job.cfg.guidance, guide)
 

@@ -25,6 +25,7 @@ from pipeline.diffusion.loss import edm2_loss, sample_sigma
 from pipeline.diffusion.phema import PowerFunctionEMA
 from pipeline.executor import TrainSession
 from pipeline.models.edm2 import Denoiser, build_denoiser
+from pipeline.outputs import EncodeOutputs
 from pipeline.store import Artifact
 from pipeline.tracking import StageRun
 from pipeline.trainer import Loop, Step, train
@@ -57,10 +58,10 @@ class Round:
     noise: torch.Tensor  # [b, C, H, W]
 
 
-def build_network(cfg: TeacherConfig, encode_outputs: dict[str, Any]) -> Denoiser:
+def build_network(cfg: TeacherConfig, encode: EncodeOutputs) -> Denoiser:
     """The denoiser for this dataset: channels and resolution from the encode artifact."""
-    channels, resolution = encode_outputs["encoder"]["model_channels"], encode_outputs["shape"][-1]
-    num_classes = encode_outputs["num_classes"] if cfg.conditional else 0
+    channels, resolution = encode.encoder["model_channels"], encode.shape[-1]
+    num_classes = encode.num_classes if cfg.conditional else 0
     return build_denoiser(cfg.preset, resolution, channels, num_classes, **cfg.network_overrides())
 
 

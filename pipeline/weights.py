@@ -39,8 +39,10 @@ def save_network(artifact: store.Artifact, name: str, net: Denoiser, state: dict
     artifact.write_json(f"{name}.json", net.config)
 
 
-def load_network(artifact: store.Artifact, name: str, weights: str | None = None) -> Denoiser:
-    """The network saved by `save_network` (or other weights for the same config), in eval mode."""
+def load_denoiser(where: store.Artifact | str, name: str = "network", weights: str | None = None) -> Denoiser:
+    """The network saved by `save_network` in an artifact or any folder (a path or fsspec URL): `forward(x, sigma,
+    labels) -> x0` in float32, in eval mode; `weights` another file of the same config (a phema variant)."""
+    artifact = store.Artifact(store.normalize_url(where)) if isinstance(where, str) else where
     net = build_denoiser(**artifact.read_json(f"{name}.json"))
     net.load_state_dict(read_weights(artifact.path(weights or f"{name}.safetensors")))
     return net.eval().requires_grad_(False)

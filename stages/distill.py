@@ -19,53 +19,44 @@ the student is a power-function EMA of G's weights: validation scores it and dis
 from __future__ import annotations
 
 import time
-from typing import Any
 
-from pipeline.config import DistillConfig
+from pipeline.config import DistillConfig, PairsConfig, TeacherConfig
 from pipeline.dag import StageContext
 from pipeline.diffusion.dmd import student_sigmas
 from pipeline.distill.method import DistillArgs, method_class
 from pipeline.distill.student import train_worker
 from pipeline.distill.validation import report_validation
 from pipeline.executor import DDPJob
+from pipeline.outputs import DistillOutputs, EncodeOutputs, PairsOutputs, Student, made_with
 from pipeline.seeds import counts_per_class
 from pipeline.store import Artifact
 from pipeline.trainer import VALIDATION_FILE
 from pipeline.training import check_diverged, gather_metrics
 
-VERSION = "6"  # 2: a seeded random LPIPS backbone; 3: the fake score learns from the DM batch of G; 4: dmd2; 5: validation;
-# 6: validation's samples in the data's class proportions (seeds.scored_labels)
-UPSTREAM = ("encode", "probe", "teacher", "phema", "pairs")
 TEACHER_LOSS = ("P_mean", "P_std", "weighting", "min_snr_gamma", "use_uncertainty")  # the fake score learns with these
 
 
-def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> dict[str, Any]:
-    pairs = inputs["pairs"].manifest()
-    teacher_cfg = inputs["teacher"].manifest()["config"]
-    if cfg.guidance != 1.0 and not pairs["config"]["guide"]:
+def run(ctx: StageContext, cfg: DistillConfig, inputs: dict[str, Artifact]) -> DistillOutputs:
+    pairs, pairs_cfg = PairsOutputs.read(inputs["pairs"]), made_with(inputs["pairs"], PairsConfig)
+    teacher_cfg = made_with(inputs["teacher"], TeacherConfig)
+    if cfg.guidance != 1.0 and not pairs_cfg.guide:
         raise ValueError(f"distill.guidance = {cfg.guidance} needs a guiding network: set pairs.guide "
                          "(the real score and the pairs use the same guided teacher)")
-    encode = inputs["encode"].manifest()["outputs"]
-    args = DistillArgs(cfg, {k: teacher_cfg[k] for k in TEACHER_LOSS}, inputs["phema"],
-                       pairs["outputs"]["teacher"]["file"], pairs["config"]["guide"],
-                       [inputs["pairs"].path(s) for s in pairs["outputs"]["shards"]],
-                       [inputs["encode"].path(s) for s in encode["shards"]], encode["encoder"],
-                       inputs["probe"] if cfg.val_every_nimg else None, ctx.artifact, ctx.seed,
-                       ctx.tracking, counts_per_class(encode, encode["num_classes"]))
+    encode = EncodeOutputs.read(inputs["encode"])
+    args = DistillArgs(cfg, {k: getattr(teacher_cfg, k) for k in TEACHER_LOSS}, inputs["phema"], pairs.teacher.file,
+                       pairs_cfg.guide, pairs.shard_urls(inputs["pairs"]), encode.shard_urls(inputs["encode"]),
+                       encode.encoder, inputs["probe"] if cfg.val_every_nimg else None, ctx.artifact, ctx.seed,
+                       ctx.tracking, counts_per_class(encode.class_counts, encode.num_classes))
     method_class(cfg.method).check(args)
     job = DDPJob("distill", ctx.artifact.path("checkpoints"), cfg.num_workers, cfg.use_gpu, cfg.max_failures)
     start = time.perf_counter()
     metrics = ctx.ddp(train_worker, args, job)
     rows = gather_metrics(ctx.artifact)
     check_diverged(metrics, "distill")
-    validation = report_validation(ctx.log, ctx.artifact.read_json(VALIDATION_FILE), cfg, pairs)
+    validation = report_validation(ctx.log, ctx.artifact.read_json(VALIDATION_FILE), cfg, pairs, pairs_cfg.num_steps)
     kept = validation["kept"] or {}
-    return {
-        "student": {"file": "student.safetensors", "config": "student.json", "nfe": cfg.student_steps,
-                    "sigmas": student_sigmas(cfg.student_steps, cfg.sigma_init),
-                    "nimg": kept.get("nimg", rows[-1]["nimg"] if rows else cfg.duration_nimg), "keep": cfg.keep},
-        "teacher": pairs["outputs"]["teacher"],
-        "validation": validation,
-        "metrics": rows[-1] if rows else {},
-        "train_wall_time_s": round(time.perf_counter() - start, 1),
-    }
+    student = Student(DistillOutputs.file("weights"), DistillOutputs.file("config"), cfg.student_steps,
+                      student_sigmas(cfg.student_steps, cfg.sigma_init),
+                      kept.get("nimg", rows[-1]["nimg"] if rows else cfg.duration_nimg), cfg.keep)
+    return DistillOutputs(student=student, teacher=pairs.teacher, validation=validation,
+                          metrics=rows[-1] if rows else {}, train_wall_time_s=round(time.perf_counter() - start, 1))

@@ -18,14 +18,14 @@ from functools import partial
 from typing import Any
 
 from pipeline import report, store
-from pipeline.config import EvalConfig
+from pipeline.config import DistillConfig, EvalConfig
 from pipeline.dag import StageContext
 from pipeline.evaluation import (EvalJob, Model, evaluate_range, grid_classes, grid_pngs, references, score,
                                  select_heldout, student_model, teacher_models)
 from pipeline.executor import Resources
 from pipeline.metrics.features import load_feature_network
 from pipeline.outputs import (DistillOutputs, EncodeOutputs, EvalOutputs, ProbeOutputs, RefstatsOutputs,
-                              TeacherOutputs)
+                              TeacherOutputs, made_with)
 from pipeline.seeds import counts_per_class
 from pipeline.store import Artifact
 
@@ -105,7 +105,7 @@ def run(ctx: StageContext, cfg: EvalConfig, inputs: dict[str, Artifact]) -> Eval
     metric = _headline_metric(refstats, probe)
     best, summary = report.summarize(rows, metric)
     notes = report.measurement_notes(cfg.num_images, probe_out, refstats, counts[-1] if probe else 0)
-    duration = inputs["distill"].manifest()["config"]["duration_nimg"]
+    duration = made_with(inputs["distill"], DistillConfig).duration_nimg
     notes.append(report.student_note(DistillOutputs.read(inputs["distill"]), duration))
     _write_report(ctx, job, rows, results, summary, notes, inputs)
     student = next(r for r in rows if r["model"] == "student")

@@ -6,7 +6,7 @@ Each variant is a weighted sum of the teacher's EMA snapshots taken at or before
 (docs/algorithms.md, "Power-function EMA and post-hoc EMA"). A task streams the snapshots
 once for a group of targets, so it holds about (targets + 1) models in memory; each variant
 commits alone (file, then marker), so a rerun after a crash makes only the missing ones.
-Load one with `weights.load_network(artifact, "network", weights=variant["file"])`. The snapshots
+Load one with `weights.load_denoiser(artifact, "network", weights=variant["file"])`. The snapshots
 may be EDM2's own (`teacher.source: edm2-snapshots`), streamed from where they are; a released
 post-hoc reconstruction (`edm2-release`) is the one variant, of the EMA length in its name.
 """

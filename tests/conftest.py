@@ -15,13 +15,12 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
 os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 os.environ.pop("RAY_ADDRESS", None)
 os.environ["ONESTEP_CPU_BF16"] = "0"  # fp32 on every CPU, AMX or not: the same numbers on any machine;
-# tests/unit/test_bf16_on_cpu.py runs the bf16 paths
+# tests/pipeline/test_bf16_on_cpu.py runs the bf16 paths
 TESTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(TESTS))  # `import helpers`
 # Ray workers import test modules' task functions by module name: give them the same paths.
-os.environ["PYTHONPATH"] = os.pathsep.join(
-    [str(TESTS), *(str(TESTS / d) for d in ("unit", "stages", "e2e", "faults")), os.environ.get("PYTHONPATH", "")]
-)
+TEST_DIRS = sorted(str(d) for d in TESTS.rglob("*") if d.is_dir() and d.name != "__pycache__")
+os.environ["PYTHONPATH"] = os.pathsep.join([str(TESTS), *TEST_DIRS, os.environ.get("PYTHONPATH", "")])
 
 BUCKET = "onestep-test"
 

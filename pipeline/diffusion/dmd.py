@@ -19,7 +19,7 @@ from torch.nn.parallel import DataParallel, DistributedDataParallel
 
 from pipeline import store
 from pipeline.diffusion.loss import LossOutput, edm2_loss
-from pipeline.diffusion.sampler import Denoiser, guided, time_steps
+from pipeline.diffusion.sampler import DenoiseFn, guided, time_steps
 
 SIGMA_MAX = 80.0  # DMD: G(z) = D(sigma_max z, sigma_max) for an EDM teacher
 DM_EPS = 1e-8  # guards the per-sample normaliser of the DM gradient
@@ -103,12 +103,12 @@ def sample_dm_sigma(
 def _dm_gradient(
     x: torch.Tensor,
     labels: torch.Tensor | None,
-    real_score: Denoiser,
-    fake_score: Denoiser,
+    real_score: DenoiseFn,
+    fake_score: DenoiseFn,
     sigma: torch.Tensor,
     noise: torch.Tensor,
     guidance: float,
-    guide: Denoiser | None,
+    guide: DenoiseFn | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """grad [B, C, H, W] = (mu_fake - mu_real) / mean_{C,H,W}|x - mu_real| and that normaliser [B]."""
     x = x.detach().float()
@@ -123,12 +123,12 @@ def _dm_gradient(
 def distribution_matching_loss(
     x: torch.Tensor,
     labels: torch.Tensor | None,
-    real_score: Denoiser,
-    fake_score: Denoiser,
+    real_score: DenoiseFn,
+    fake_score: DenoiseFn,
     sigma: torch.Tensor,
     noise: torch.Tensor,
     guidance: float = 1.0,
-    guide: Denoiser | None = None,
+    guide: DenoiseFn | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """DMD loss 0.5 * mse(x, stopgrad(x - grad)) for x = G(z) [B, C, H, W] (docs/algorithms.md, "Distribution matching loss").
 

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
 
 def time_steps(
@@ -25,7 +25,7 @@ def time_steps(
     return torch.cat([t, t.new_zeros(1)])
 
 
-def guided(denoise: Denoiser, guide: Denoiser | None, guidance: float, dtype: torch.dtype) -> Denoiser:
+def guided(denoise: DenoiseFn, guide: DenoiseFn | None, guidance: float, dtype: torch.dtype) -> DenoiseFn:
     """float64 denoiser D = g + w (D_main - g) (docs/algorithms.md, "Guidance"); the networks see `dtype`."""
     if guidance != 1 and guide is None:
         raise ValueError(f"guidance={guidance} needs a guide network; pass guide= or use guidance=1")
@@ -43,7 +43,7 @@ def guided(denoise: Denoiser, guide: Denoiser | None, guidance: float, dtype: to
 
 @torch.no_grad()
 def edm_sampler(
-    denoise: Denoiser,
+    denoise: DenoiseFn,
     noise: torch.Tensor,
     labels: torch.Tensor | None = None,
     num_steps: int = 32,
@@ -51,7 +51,7 @@ def edm_sampler(
     sigma_max: float = 80.0,
     rho: float = 7.0,
     guidance: float = 1.0,
-    guide: Denoiser | None = None,
+    guide: DenoiseFn | None = None,
 ) -> torch.Tensor:
     """Deterministic 2nd-order Heun from x = noise * sigma_max to sigma = 0; 2N-1 evaluations."""
     d = guided(denoise, guide, guidance, noise.dtype)

@@ -34,7 +34,7 @@ from pipeline.models.edm2_import import load_guide
 from pipeline.store import Artifact
 from pipeline.tracking import StageRun
 from pipeline.training import mixed_precision, zero_nonfinite_grads_
-from pipeline.weights import load_network
+from pipeline.weights import load_denoiser
 
 Labels = torch.Tensor | None  # [B] class indices, None for an unconditional teacher
 
@@ -95,7 +95,7 @@ class Method(ABC):
     def build_nets(cls, args: DistillArgs, device: torch.device) -> Nets:
         """The frozen teacher, G and the fake score copied from it, the guide, and AdamW for G and the fake score."""
         cfg = args.cfg
-        real = load_network(args.phema, "network", args.weights).to(device)
+        real = load_denoiser(args.phema, "network", args.weights).to(device)
         generator = OneStepGenerator.from_teacher(real, cfg.sigma_init).to(device).train()
         generator.net.u_linear.requires_grad_(False)  # G never uses the uncertainty branch
         fake = cls.fake_score(copy.deepcopy(real).requires_grad_(True).train(), args, device)

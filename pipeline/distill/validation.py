@@ -8,26 +8,26 @@ import logging
 from typing import Any
 
 from pipeline.config import DistillConfig
+from pipeline.outputs import PairsOutputs
 
 HELD_CLASSES = 0.8  # a student whose validation class accuracy is under this x its teacher's has lost classes
 
 
-def against_teacher(kept: dict[str, Any] | None, pairs: dict[str, Any]) -> dict[str, Any] | None:
-    """The kept student's validation figures beside its teacher's on the same seeds: pairs' choice of
-    variant (`select: best`) scored every variant on the first validation seeds. None when it did not,
-    or scored another number of them (a Fréchet distance's bias moves with the count)."""
-    chosen = pairs["outputs"]["teacher"]["sigma_rel"]
-    teacher = next((s for s in pairs["outputs"].get("selection", []) if s["sigma_rel"] == chosen), None)
+def against_teacher(kept: dict[str, Any] | None, pairs: PairsOutputs, num_steps: int) -> dict[str, Any] | None:
+    """The kept student's validation figures beside its teacher's (`num_steps` Heun steps) on the same seeds:
+    pairs' choice of variant (`select: best`) scored every variant on the first validation seeds. None when it
+    did not, or scored another number of them (a Fréchet distance's bias moves with the count)."""
+    teacher = next((s for s in pairs.selection if s["sigma_rel"] == pairs.teacher.sigma_rel), None)
     if not kept or teacher is None or teacher["count"] != kept["count"]:
         return None
     student_acc, teacher_acc = kept.get("class_accuracy"), teacher.get("class_accuracy")
     held = None if student_acc is None or not teacher_acc else student_acc / teacher_acc
-    return {"teacher": {**teacher, "num_steps": pairs["config"]["num_steps"]},
+    return {"teacher": {**teacher, "num_steps": num_steps},
             "fd_probe_ratio": kept["fd_probe"] / teacher["fd_probe"], "class_accuracy_ratio": held}
 
 
-def report_validation(log: logging.Logger, validation: dict[str, Any], cfg: DistillConfig,
-                      pairs: dict[str, Any]) -> dict[str, Any]:
+def report_validation(log: logging.Logger, validation: dict[str, Any], cfg: DistillConfig, pairs: PairsOutputs,
+                      num_steps: int) -> dict[str, Any]:
     """The manifest's `validation` (validation.json, the seeds' count and spacing, the student against its
     teacher), and log lines on the student kept, on an early stop, on a student kept from before any step,
     and on a student that lost its classes (class accuracy under HELD_CLASSES x its teacher's)."""
@@ -43,7 +43,7 @@ def report_validation(log: logging.Logger, validation: dict[str, Any], cfg: Dist
                     "G before any step: the teacher's own one-step output, not a distilled student. Try a lower "
                     "distill.lr and distill.fake_lr (now %g, %g), or distill.keep=last to commit the last step's",
                     cfg.lr, cfg.fake_lr)
-    versus = against_teacher(kept, pairs)
+    versus = against_teacher(kept, pairs, num_steps)
     if versus:
         _report_teacher(log, kept, versus)
     return {**validation, "images": cfg.val_images if cfg.val_every_nimg else 0, "every_nimg": cfg.val_every_nimg,

@@ -18,7 +18,8 @@ import torch
 from pipeline import store
 from pipeline.models.edm2 import PRESETS, Denoiser, build_denoiser
 from pipeline.models.unpickle import Persistent, load, tensors
-from pipeline.weights import load_network, save_network
+from pipeline.outputs import EncodeOutputs
+from pipeline.weights import load_denoiser, save_network
 
 
 # EDM2's Precond / UNet / Block keyword arguments that onestep's network fixes at EDM2's defaults: a
@@ -115,7 +116,7 @@ def load_guide(url: str) -> Denoiser:
     """A guiding network: a folder with network.json + network.safetensors, or an EDM2 release .pkl."""
     if url.endswith(".pkl"):
         return release_network(url)[0]
-    return load_network(store.Artifact(url), "network")
+    return load_denoiser(url)
 
 
 def check_guide(url: str, field: str) -> None:
@@ -125,8 +126,6 @@ def check_guide(url: str, field: str) -> None:
                          "network.safetensors, there: fix the URL (or set the guidance to 1 and drop the guide)")
 
 
-# --- the DAG entry: a released teacher instead of training one -----------------------------------
-
 # EDM2's file names: `network-snapshot-{kimg:07d}-{sigma_rel:.3f}.pkl` (raw EMA snapshots) and
 # `edm2-img512-s-{kimg}-{sigma_rel:.3f}.pkl` (post-hoc reconstructions); kimg = nimg // 1000.
 SNAPSHOT_NAME = re.compile(r"network-snapshot-(\d+)-(\d+\.\d+)\.pkl")
@@ -134,7 +133,7 @@ RECONSTRUCTION_NAME = re.compile(r".*-(\d+)-(\d+\.\d+)\.pkl")
 ENCODERS = {"StandardRGBEncoder": "rgb", "StabilityVAEEncoder": "vae"}  # EDM2's encoder -> onestep's
 
 
-def _time_and_length(url: str, pattern: re.Pattern[str], what: str) -> tuple[int, float]:
+def time_and_length(url: str, pattern: re.Pattern[str], what: str) -> tuple[int, float]:
     name = url.rstrip("/").rsplit("/", 1)[-1]
     match = pattern.fullmatch(name)
     if not match:
@@ -150,14 +149,13 @@ def kimg_to_nimg(kimg: int) -> int:
     return nimg if nimg // 1000 == kimg else kimg * 1000
 
 
-def check_encoder(top: Any, encode: dict[str, Any], url: str) -> None:
+def check_encoder(top: Any, ours: dict[str, Any], url: str) -> None:
     """The release's encoder (saved with the network) must be the one that made the encode artifact:
     EDM2's RGB encoder is onestep's `rgb`, its SD-VAE encoder onestep's `vae` with the same latent
     statistics and VAE, so that the network sees the same model space and decoding matches."""
     record = top.get("encoder") if isinstance(top, dict) else None
     if not isinstance(record, Persistent):
         return  # a file without its encoder (e.g. some guides): nothing to compare
-    ours = encode["encoder"]
     theirs = ENCODERS.get(record.class_name)
     fix = f"--set encode.encoder={theirs}" + (" --set encode.vae=stabilityai/sd-vae-ft-mse" if theirs == "vae" else "")
     if theirs is None:
@@ -186,28 +184,15 @@ def _check_latent_scaling(record: Persistent, ours: dict[str, Any], url: str) ->
                          f"{expected['bias'].round(6).tolist()}, so the network would see other latents than it was trained on")
 
 
-def check_dataset(net: Any, encode: dict[str, Any], url: str) -> None:
+def check_dataset(net: Any, encode: EncodeOutputs, url: str) -> None:
     """The network's resolution, channels and classes against the encode artifact's data."""
-    channels, resolution = encode["encoder"]["model_channels"], encode["shape"][-1]
+    channels, resolution = encode.encoder["model_channels"], encode.shape[-1]
     if (net.img_channels, net.img_resolution) != (channels, resolution):
         raise ValueError(f"{store.redact(url)} is a network of {net.img_channels}x{net.img_resolution}x"
                          f"{net.img_resolution} inputs, the encode artifact holds {channels}x{resolution}x{resolution}: "
                          "set encode.resolution (and encode.encoder) to the release's")
-    if net.num_classes not in (0, encode["num_classes"]):
-        raise ValueError(f"{store.redact(url)} has {net.num_classes} class labels, the dataset {encode['num_classes']}")
-
-
-def release_teacher(url: str, artifact: store.Artifact, encode: dict[str, Any]) -> dict[str, Any]:
-    """The teacher stage for `teacher.source: edm2-release`: the released post-hoc reconstruction,
-    checked against the encode artifact and written as the teacher's `network`."""
-    nimg, sigma_rel = _time_and_length(url, RECONSTRUCTION_NAME, "post-hoc reconstructions")
-    net, top = release_network(url)
-    check_dataset(net, encode, url)
-    check_encoder(top, encode, url)
-    save_network(artifact, "network", net)
-    return {"source": "edm2-release", "release": {"url": store.redact(url), "nimg": nimg, "sigma_rel": sigma_rel},
-            "num_parameters": sum(p.numel() for p in net.parameters()), "network": net.config,
-            "snapshots": [], "final_ema": {}, "metrics": {}}
+    if net.num_classes not in (0, encode.num_classes):
+        raise ValueError(f"{store.redact(url)} has {net.num_classes} class labels, the dataset {encode.num_classes}")
 
 
 def snapshot_files(folder: str) -> list[dict[str, Any]]:
@@ -215,24 +200,11 @@ def snapshot_files(folder: str) -> list[dict[str, Any]]:
     _, files = store.list_dir(folder)
     found = [{"url": url, "nimg": nimg, "sigma_rel": sigma_rel} for url in files
              if SNAPSHOT_NAME.fullmatch(url.rsplit("/", 1)[-1])
-             for nimg, sigma_rel in [_time_and_length(url, SNAPSHOT_NAME, "raw snapshots")]]
+             for nimg, sigma_rel in [time_and_length(url, SNAPSHOT_NAME, "raw snapshots")]]
     if not found:
         raise ValueError(f"teacher.release = {store.redact(folder)}: no EDM2 snapshots "
                          "(network-snapshot-KIMG-SIGMA_REL.pkl) in that folder")
     return sorted(found, key=lambda s: (s["nimg"], s["sigma_rel"]))
-
-
-def release_snapshots(folder: str, artifact: store.Artifact, encode: dict[str, Any]) -> dict[str, Any]:
-    """The teacher stage for `teacher.source: edm2-snapshots`: the folder's snapshots indexed for phema,
-    which streams them from where they are; the last one is read here to check it and get the network."""
-    snapshots = snapshot_files(folder)
-    net, top = release_network(snapshots[-1]["url"])
-    check_dataset(net, encode, snapshots[-1]["url"])
-    check_encoder(top, encode, snapshots[-1]["url"])
-    artifact.write_json("network.json", net.config)
-    return {"source": "edm2-snapshots", "release": {"url": store.redact(folder)},
-            "num_parameters": sum(p.numel() for p in net.parameters()), "network": net.config,
-            "snapshots": snapshots, "final_ema": {}, "metrics": {}}
 
 
 def snapshot_state(url: str) -> dict[str, torch.Tensor]:

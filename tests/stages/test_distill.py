@@ -23,13 +23,14 @@ from pipeline.distill import dmd
 from pipeline.distill.dmd import DMD
 from pipeline.distill.method import Method
 from pipeline.distill.validation import against_teacher, report_validation
+from pipeline.outputs import ChosenTeacher, PairsOutputs
 from pipeline.executor import InlineExecutor, InlineSession
 from pipeline.metrics.probe import ProbeFeatures
 from pipeline.metrics.validation import Reference, score
 from pipeline.sampling import Generator
 from pipeline.seeds import counts_per_class, scored_labels, validation_seeds
 from pipeline.training import Diverged
-from pipeline.weights import load_network, load_probe
+from pipeline.weights import load_denoiser, load_probe
 from helpers import DISTILL_TINY, DMD2, VALIDATION, save_tiny_decoder, save_tiny_vae
 
 def _cfg(storage: str, *extra: str) -> C.Config:
@@ -76,8 +77,8 @@ def test_distill_trains_with_finite_losses_and_the_regression_loss_falls(storage
 def test_student_loads_and_starts_from_the_teacher(storage):
     cfg = _cfg(storage, "distill.duration_nimg=16", "distill.lr=1e-9", "distill.fake_lr=1e-9")
     dag.run(cfg, until="distill", executor=InlineExecutor())
-    student = load_network(_artifact(cfg, "distill"), "student")
-    teacher = load_network(_artifact(cfg, "phema"), "network", "phema-0.1000.safetensors")
+    student = load_denoiser(_artifact(cfg, "distill"), "student")
+    teacher = load_denoiser(_artifact(cfg, "phema"), "network", "phema-0.1000.safetensors")
     z = torch.randn(2, 3, 16, 16)
     labels = torch.tensor([1, 7])
     torch.testing.assert_close(OneStepGenerator(student)(z, labels), teacher(80 * z, torch.full((2,), 80.0), labels),
@@ -213,12 +214,12 @@ def _sabotage_g_after(monkeypatch, steps: int) -> None:
 
 def _rescore(cfg: C.Config) -> float:
     """The stored student's fd_probe on the validation seeds, computed here from its file."""
-    student = load_network(_artifact(cfg, "distill"), "student")
+    student = load_denoiser(_artifact(cfg, "distill"), "student")
     probe = _artifact(cfg, "probe")
     ref = np.load(io.BytesIO(probe.read_bytes("reference.npz")))
     encode = _artifact(cfg, "encode").manifest()["outputs"]
     encoder = encoder_from_info(encode["encoder"])
-    counts = counts_per_class(encode, encode["num_classes"])
+    counts = counts_per_class(encode["class_counts"], encode["num_classes"])
     generator = Generator.student(student, student_sigmas(cfg.distill.student_steps, cfg.distill.sigma_init))
     figures = score(lambda seeds: generator(seeds, torch.tensor(scored_labels(seeds, counts)), "cpu"), encoder.decode,
                     ProbeFeatures(load_probe(probe), "cpu"), Reference(ref["mu"], ref["sigma"]),
@@ -295,7 +296,8 @@ def test_a_run_the_divergence_guard_stops_commits_its_best_validated_student_and
 
 def test_the_student_is_gs_power_function_ema_and_validation_scores_it(storage):
     # G's own weights after one and after two steps, then the same two steps with an EMA at sigma_rel 0.1:
-    # its student is beta theta_1 + (1 - beta) theta_2, beta = (1 - batch / nimg)^(gamma + 1) (papers.md)
+    # its student is beta theta_1 + (1 - beta) theta_2, beta = (1 - batch / nimg)^(gamma + 1)
+    # (docs/algorithms.md, "Power-function EMA and post-hoc EMA")
     thetas = []
     for nimg in (8, 16):
         cfg = _cfg(storage, f"distill.duration_nimg={nimg}", "distill.lr=0.01")
@@ -325,21 +327,22 @@ def test_an_ema_outside_the_power_functions_range_is_refused(storage):
         _cfg(storage, "distill.ema_sigma_rel=0.3")
 
 
-def _pairs_manifest(chosen: float, selection: list[dict]) -> dict:
-    return {"config": {"num_steps": 16}, "outputs": {"teacher": {"sigma_rel": chosen}, "selection": selection}}
+def _pairs(chosen: float, selection: list[dict]) -> PairsOutputs:
+    return PairsOutputs(num_pairs=0, num_shards=0, shards=[], pairs_made_this_run=0, nfe_per_pair=31,
+                        teacher=ChosenTeacher(chosen, f"phema-{chosen:.4f}.safetensors"), selection=selection)
 
 
 def test_the_student_is_set_beside_the_teacher_pairs_chose_on_the_same_seeds_and_count():
     selection = [{"sigma_rel": 0.05, "fd_probe": 20.0, "class_accuracy": 0.9, "count": 256},
                  {"sigma_rel": 0.1, "fd_probe": 15.0, "class_accuracy": 0.8, "count": 256}]
     kept = {"nimg": 960, "fd_probe": 30.0, "class_accuracy": 0.4, "count": 256}
-    versus = against_teacher(kept, _pairs_manifest(0.1, selection))
+    versus = against_teacher(kept, _pairs(0.1, selection), 16)
     assert versus["teacher"] == {**selection[1], "num_steps": 16}  # the variant distilled, not the other one
     assert versus["fd_probe_ratio"] == pytest.approx(2.0) and versus["class_accuracy_ratio"] == pytest.approx(0.5)
-    assert against_teacher({**kept, "count": 128}, _pairs_manifest(0.1, selection)) is None  # other seeds' count
-    assert against_teacher(kept, _pairs_manifest(0.1, [])) is None  # pairs.select: fixed scored no variant
-    assert against_teacher(None, _pairs_manifest(0.1, selection)) is None  # no validation
-    unconditional = against_teacher({**kept, "class_accuracy": None}, _pairs_manifest(0.1, selection))
+    assert against_teacher({**kept, "count": 128}, _pairs(0.1, selection), 16) is None  # other seeds' count
+    assert against_teacher(kept, _pairs(0.1, []), 16) is None  # pairs.select: fixed scored no variant
+    assert against_teacher(None, _pairs(0.1, selection), 16) is None  # no validation
+    unconditional = against_teacher({**kept, "class_accuracy": None}, _pairs(0.1, selection), 16)
     assert unconditional["class_accuracy_ratio"] is None and unconditional["fd_probe_ratio"] == pytest.approx(2.0)
 
 
@@ -348,7 +351,7 @@ def _reported(kept: dict, selection: list[dict], caplog) -> dict:
     validation = {"curve": [kept], "kept": kept, "stopped": ""}
     with caplog.at_level(logging.INFO, logger="onestep"):
         return report_validation(logging.getLogger("onestep"), validation, C.DistillConfig(val_images=256),
-                                 _pairs_manifest(0.1, selection))
+                                 _pairs(0.1, selection), 16)
 
 
 def test_a_student_that_lost_its_classes_says_so_and_one_that_held_them_does_not(caplog):

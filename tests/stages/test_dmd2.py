@@ -21,7 +21,7 @@ from pipeline.distill.dmd2 import DMD2
 from pipeline.distill.method import DistillArgs, Nets
 from pipeline.evaluation import generate, student_model
 from pipeline.executor import DDPJob, InlineExecutor, InlineSession
-from pipeline.weights import load_network
+from pipeline.weights import load_denoiser
 
 import helpers
 
@@ -261,7 +261,7 @@ def test_sigma_init_moves_the_students_first_level_in_training_the_manifest_and_
     dag.run(cfg, until="distill", executor=InlineExecutor())
     model = student_model(_artifact(cfg, "distill"))
     assert model.sigmas == (2.5,)
-    net = load_network(_artifact(cfg, "distill"), "student")
+    net = load_denoiser(_artifact(cfg, "distill"), "student")
     encoder = encoder_from_info(_artifact(cfg, "encode").manifest()["outputs"]["encoder"])
     images, _ = generate(model, net, [5, 6], encoder, "cpu")
     noise, seeded_labels = seeded_noise([5, 6], (3, 16, 16), net.num_classes, "cpu")
@@ -308,7 +308,7 @@ def test_a_two_step_student_trains_and_samples_with_its_two_steps(pairs_cfg):
                                                         "keep": "last"}
     model = student_model(distill)
     assert (model.nfe, model.label, model.sigmas) == (2, "student (2 steps)", tuple(student_sigmas(2)))
-    net = load_network(distill, "student")
+    net = load_denoiser(distill, "student")
     encoder = encoder_from_info(_artifact(cfg, "encode").manifest()["outputs"]["encoder"])
     images, labels = generate(model, net, [3, 4], encoder, "cpu")
     noise, seeded_labels = seeded_noise([3, 4], (3, 16, 16), net.num_classes, "cpu")

@@ -17,7 +17,7 @@ from pipeline.metrics.fid import frechet_distance
 from pipeline.metrics.probe import ProbeFeatures
 from pipeline.pairs import read_pairs
 from pipeline.seeds import counts_per_class, scored_labels, validation_seeds
-from pipeline.weights import load_network, load_probe, load_reference
+from pipeline.weights import load_denoiser, load_probe, load_reference
 import stages.pairs
 
 from helpers import PAIRS_TINY
@@ -64,7 +64,7 @@ def test_pairs_are_the_same_with_1_or_3_tasks_and_match_the_sampler(ray_session,
     assert list(seeds) == list(range(100, 112)) and noise.shape == (12, 3, 16, 16)
     # Pair 7 is what the sampler makes from seed 107 with the sigma_rel 0.1 variant.
     phema = _artifact(one, "phema")
-    net = load_network(phema, "network", "phema-0.1000.safetensors")
+    net = load_denoiser(phema, "network", "phema-0.1000.safetensors")
     z, label = seeded_noise([107], (3, 16, 16), net.num_classes, "cpu")
     np.testing.assert_array_equal(noise[7], z[0].numpy())
     assert labels[7] == int(label[0])
@@ -108,7 +108,7 @@ def test_guided_pairs_use_the_guide_network(storage):
 
 def _variant_figures(cfg: C.Config, sigma_rel: float) -> tuple[float, float]:
     """fd_probe and class accuracy of a variant's samples of the validation seeds, computed here."""
-    net = load_network(_artifact(cfg, "phema"), "network", f"phema-{sigma_rel:.4f}.safetensors")
+    net = load_denoiser(_artifact(cfg, "phema"), "network", f"phema-{sigma_rel:.4f}.safetensors")
     seeds, encode = validation_seeds(cfg.pairs.select_images), _artifact(cfg, "encode").manifest()["outputs"]
     z, _ = seeded_noise(seeds, (3, 16, 16), net.num_classes, "cpu")
     labels = torch.tensor(scored_labels(seeds, counts_per_class(encode["class_counts"], net.num_classes)))  # the data's proportions
@@ -140,7 +140,7 @@ def test_select_best_scores_every_variant_on_validation_seeds_and_distils_the_lo
 @pytest.mark.parametrize("fd, chosen", [({0.05: 3.0, 0.1: 1.0}, 0.1), ({0.05: 1.0, 0.1: 3.0}, 0.05)])
 def test_select_best_takes_the_lowest_fd_probe_whatever_sigma_rel_says(storage, monkeypatch, fd, chosen):
     def scored(job, probe, encoder, variant):
-        return {"sigma_rel": variant["sigma_rel"], "fd_probe": fd[variant["sigma_rel"]], "class_accuracy": 0.5,
+        return {"sigma_rel": variant.sigma_rel, "fd_probe": fd[variant.sigma_rel], "class_accuracy": 0.5,
                 "count": 1}
 
     monkeypatch.setattr(stages.pairs, "score_variant", scored)

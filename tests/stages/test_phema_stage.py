@@ -12,7 +12,7 @@ from pipeline import config as C
 from pipeline import dag, store
 from pipeline.diffusion.phema import solve_coefficients
 from pipeline.executor import InlineExecutor, Resources
-from pipeline.weights import load_network, read_weights
+from pipeline.weights import load_denoiser, read_weights
 from pipeline.outputs import PhemaOutputs
 from pipeline.stage import Stage
 from stages import phema as P
@@ -159,10 +159,12 @@ def test_one_tracked_length_at_the_first_snapshot_is_too_few():
     assert P.select_snapshots(snapshots, 0) == (64, snapshots)
 
 
-def test_a_variant_loads_through_load_network_and_denoises(storage):
+def test_a_variant_loads_through_load_denoiser_and_denoises(storage):
     art = _phema(storage, "phema.sigma_rels=[0.1]")
-    net = load_network(art, "network", weights="phema-0.1000.safetensors")
+    net = load_denoiser(art, "network", weights="phema-0.1000.safetensors")
     assert all(torch.equal(v, net.state_dict()[k]) for k, v in _variant(art, 0.1).items())
+    by_path = load_denoiser(art.url, weights="phema-0.1000.safetensors")  # a folder, as a user names it
+    assert all(torch.equal(v, by_path.state_dict()[k]) for k, v in net.state_dict().items())
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out = net(x, torch.tensor([0.5, 5.0]), torch.tensor([0, 1]))

@@ -20,7 +20,7 @@ from pipeline.diffusion.sampler import edm_sampler, seeded_noise
 from pipeline.executor import InlineExecutor
 from pipeline.models.edm2_import import onestep_name
 from pipeline.pairs import read_pairs
-from pipeline.weights import load_network, read_weights
+from pipeline.weights import load_denoiser, read_weights
 
 DATA = ["encode.num_images=32", "encode.shard_size=32", "refstats.num_images=32", "probe.epochs=1"]
 RELEASE = "edm2-img16-s-2147483-0.130.pkl"
@@ -55,7 +55,7 @@ def test_a_released_teacher_and_its_guide_run_the_dag_without_training(release, 
     assert out["release"]["nimg"] == 2147483648 and not store.exists(teacher.path("checkpoints"))  # 2^31 images
     edm2_teacher = E.denoiser(E.snapshot(E.precond(1))["ema"])  # EDM2's math on the file's weights
     edm2_guide = E.denoiser(E.snapshot(E.precond(2, label_dim=0))["ema"])
-    variant = load_network(_artifact(cfg, "phema"), "network", "phema-0.1300.safetensors").eval()
+    variant = load_denoiser(_artifact(cfg, "phema"), "network", "phema-0.1300.safetensors").eval()
     x, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.5, 5.0]), torch.tensor([3, 7])
     with torch.no_grad():
         torch.testing.assert_close(variant(x, sigma, labels), edm2_teacher(x, sigma, labels), atol=1e-5, rtol=1e-5)
@@ -144,7 +144,7 @@ def test_raw_snapshots_feed_phema_and_dataset_refs_feed_refstats(where, tmp_path
             torch.testing.assert_close(got[onestep_name(name)], value, atol=1e-5, rtol=1e-5)
     reference = E.precond(0)  # EDM2's network with the last variant's weights, against onestep's
     reference.load_state_dict(expected)
-    variant = load_network(phema, "network", "phema-0.1200.safetensors").eval()
+    variant = load_denoiser(phema, "network", "phema-0.1200.safetensors").eval()
     images, sigma, labels = torch.randn(2, 3, 16, 16), torch.tensor([0.3, 3.0]), torch.tensor([1, 8])
     with torch.no_grad():
         torch.testing.assert_close(variant(images, sigma, labels), E.denoiser(reference)(images, sigma, labels),

@@ -12,10 +12,11 @@ from pipeline import dag, store
 from pipeline.data.shards import reader
 from pipeline.diffusion.loss import edm2_loss
 from pipeline import teacher as T
+from pipeline.outputs import EncodeOutputs
 from pipeline.executor import DDPJob, InlineExecutor, InlineSession, RayExecutor
 from pipeline.models.edm2 import MPConv, build_denoiser
 from pipeline.training import STATE_FILE, Diverged
-from pipeline.weights import load_network, read_weights
+from pipeline.weights import load_denoiser, read_weights
 
 STEPS_CFG = ["encode.num_images=200", "encode.shard_size=100", "teacher.batch=16",
              "teacher.checkpoint_nimg=32", "teacher.snapshot_nimg=32", "teacher.duration_nimg=64",
@@ -34,7 +35,7 @@ def _shard_urls(encode: store.Artifact) -> list[str]:
 
 
 def _args(cfg: C.Config, encode: store.Artifact, out: store.Artifact) -> T.TeacherArgs:
-    net = T.build_network(cfg.teacher, encode.manifest()["outputs"])
+    net = T.build_network(cfg.teacher, EncodeOutputs.read(encode))
     return T.TeacherArgs(cfg.teacher, net.config, _shard_urls(encode), encode.manifest()["outputs"]["encoder"],
                          out, cfg.seed)
 
@@ -57,7 +58,7 @@ def test_teacher_stage_trains_and_the_loss_falls(tmp_path):
     assert [(s["nimg"], s["sigma_rel"]) for s in out["snapshots"]] == [
         (n, s) for n in (256, 512, 768, 1024) for s in (0.05, 0.1)]
     assert art.read_json("snapshots/index.json") == out["snapshots"]
-    net = load_network(art, "network")
+    net = load_denoiser(art, "network")
     ema = read_weights(art.path(out["final_ema"]["0.05"]))
     assert set(ema) == set(net.state_dict()) and not torch.equal(ema["unet.out_gain"], net.state_dict()["unet.out_gain"])
     assert out["num_parameters"] == sum(p.numel() for p in net.parameters())
@@ -158,7 +159,7 @@ def test_forced_weight_normalisation_keeps_trained_weights_unit_norm(tmp_path):
     cfg, encode = _encoded(str(tmp_path / "data"))
     out = store.Artifact(str(tmp_path / "t"))
     InlineExecutor().ddp(T.train_worker, _args(cfg, encode, out), DDPJob("teacher", out.path("checkpoints")))
-    net = load_network(out, "network").train()
+    net = load_denoiser(out, "network").train()
     net(torch.zeros(1, 3, 16, 16), torch.ones(1), torch.zeros(1, dtype=torch.long))  # normalises in place
     for m in net.modules():
         if isinstance(m, MPConv):
@@ -215,7 +216,7 @@ def test_a_nan_step_is_zeroed_and_counted_and_training_goes_on(tmp_path, monkeyp
     dag.run(cfg, until="teacher", executor=InlineExecutor())
     rows = [json.loads(line) for line in store.read_bytes(_teacher(cfg).path("metrics.jsonl")).decode().splitlines()]
     assert [r["nonfinite_steps"] for r in rows] == [0, 1, 0, 0]  # a row per step
-    assert all(torch.isfinite(v).all() for v in load_network(_teacher(cfg), "network").state_dict().values())
+    assert all(torch.isfinite(v).all() for v in load_denoiser(_teacher(cfg), "network").state_dict().values())
 
 
 def test_nan_steps_after_a_checkpoint_stop_the_run_and_leave_the_checkpoint(tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""DMD math against closed forms: Gaussian scores, the Karras table, LPIPS offline (papers.md, "DMD")."""
+"""DMD math against closed forms: Gaussian scores, the Karras table, LPIPS offline (docs/algorithms.md, "Distribution matching loss")."""
 
 import copy
 import urllib.error
@@ -23,7 +23,7 @@ from pipeline.diffusion.dmd import (
     sample_dm_sigma,
 )
 from pipeline.diffusion.loss import edm2_loss
-from pipeline.diffusion.sampler import Denoiser as Score
+from pipeline.diffusion.sampler import DenoiseFn as Score
 from pipeline.models.edm2 import Denoiser, build_denoiser
 
 
@@ -137,7 +137,7 @@ def test_dm_gradient_points_from_fake_to_real_mean() -> None:
     direction = (mu_f - mu_r).sign().reshape(1, -1, 1, 1).expand_as(x)
     assert torch.equal(x.grad.sign(), direction)  # descent moves every x toward mu_r
     assert real.mu.grad is None and fake.mu.grad is None  # scores ran without grad
-    with torch.no_grad():  # papers.md: mean_{C,H,W}|x - mu_real(x_t)|, at x, not at x_t
+    with torch.no_grad():  # docs/algorithms.md, "Distribution matching loss": mean_{C,H,W}|x - mu_real(x_t)|, at x, not at x_t
         normalizer = (x - real(x + sigma.reshape(-1, 1, 1, 1) * noise, sigma, None)).abs().mean((1, 2, 3))
     assert torch.allclose(info["normalizer"], normalizer, rtol=1e-5)
 

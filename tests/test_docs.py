@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 SCANNED = ("pipeline", "stages", "workflows", "tests", "docs", "infra", "README.md")
 SKIPPED_DIRS = {".venv", ".git", "__pycache__", ".pytest_cache"}
 THIS_FILE = Path(__file__).resolve().relative_to(ROOT).as_posix()  # it names both on purpose

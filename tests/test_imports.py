@@ -5,7 +5,7 @@ imports a stage module: the DAG reaches them through their declarations (stages/
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("pipeline", "stages", "workflows")
 
 
@@ -82,3 +82,20 @@ def test_nothing_outside_stages_imports_a_stage_module():
     for name, imported in _graph().items():
         if not name.startswith("stages"):
             assert not {m for m in imported if m.startswith("stages.")}, (name, imported)
+
+
+def test_the_public_math_api_is_where_docs_development_md_says():
+    from pipeline.diffusion.dmd import OneStepGenerator, distribution_matching_loss
+    from pipeline.diffusion.loss import edm2_loss, min_snr_weight
+    from pipeline.diffusion.phema import gamma_to_sigma_rel, sigma_rel_to_gamma, solve_coefficients
+    from pipeline.diffusion.sampler import edm_sampler
+    from pipeline.metrics.fid import frechet_distance
+    from pipeline.models.edm2 import build_denoiser
+    from pipeline.sampling import Generator
+    from pipeline.weights import load_denoiser
+
+    names = [OneStepGenerator, distribution_matching_loss, edm2_loss, min_snr_weight, gamma_to_sigma_rel,
+             sigma_rel_to_gamma, solve_coefficients, edm_sampler, frechet_distance, build_denoiser, Generator,
+             load_denoiser]
+    page = (ROOT / "docs" / "development.md").read_text()
+    assert all(f"`{n.__name__}" in page for n in names), [n.__name__ for n in names if f"`{n.__name__}" not in page]

@@ -23,7 +23,7 @@ from packaging.version import Version
 from pipeline import cli, dag
 from pipeline.config import Config
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 CLUSTER = INFRA / "aws" / "cluster.yaml"
 RAYJOB = INFRA / "k8s" / "rayjob.yaml"

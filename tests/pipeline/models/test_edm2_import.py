@@ -117,10 +117,10 @@ ENCODE_VAE = {"name": "vae", "raw_mean": list(RAW_MEAN), "raw_std": list(RAW_STD
 def test_the_encoder_record_is_checked_against_the_encode_artifact(encoder, named):
     top = U.loads(E.dumps(E.snapshot(E.precond(0, img_channels=4), encoder=encoder)))
     if named is None:
-        R.check_encoder(top, {"encoder": ENCODE_VAE}, "x.pkl")
+        R.check_encoder(top, ENCODE_VAE, "x.pkl")
     else:
         with pytest.raises(ValueError, match=named):
-            R.check_encoder(top, {"encoder": ENCODE_VAE}, "x.pkl")
+            R.check_encoder(top, ENCODE_VAE, "x.pkl")
 
 
 def test_file_names_give_edm2s_times():
