@@ -70,3 +70,11 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Whole DAGs, Ray jobs, sweeps and fault injection (tests/e2e, tests/faults) are slow: `-m "not slow"`
+    leaves them out of the fast inner loop."""
+    for item in items:
+        if {"e2e", "faults"} & set(Path(item.fspath).parts):
+            item.add_marker(pytest.mark.slow)

@@ -70,6 +70,12 @@ def head_node():
         shutil.rmtree(temp, ignore_errors=True)
 
 
+# The ci preset with a quarter of its teacher's training: the job's Ray work (tasks, two Ray Train jobs, S3
+# checkpoints) is the same, the minutes of training are not what this test is about.
+SHORTER = ["teacher.duration_nimg=256", "teacher.snapshot_nimg=128", "teacher.checkpoint_nimg=128",
+           "teacher.log_nimg=64", "teacher.lr_rampup_nimg=64"]
+
+
 def test_ray_job_submit_runs_the_ci_dag_on_s3(head_node, s3_bucket):
     from ray.job_submission import JobStatus, JobSubmissionClient
 
@@ -85,7 +91,7 @@ def test_ray_job_submit_runs_the_ci_dag_on_s3(head_node, s3_bucket):
         submit = subprocess.run(
             [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--submission-id", job_id, "--no-wait",
              "--runtime-env-json", runtime_env, "--", "python", "workflows/full.py", "--config", "ci",
-             "--storage", storage],
+             "--storage", storage, *(a for s in SHORTER for a in ("--set", s))],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
         )
         if "No available agent" not in submit.stderr:
@@ -101,7 +107,7 @@ def test_ray_job_submit_runs_the_ci_dag_on_s3(head_node, s3_bucket):
     assert status == JobStatus.SUCCEEDED, logs[-5000:]
     assert os.environ["AWS_SECRET_ACCESS_KEY"] not in logs  # credentials never reach a log
 
-    cfg = C.load_config("ci", storage=storage)
+    cfg = C.load_config("ci", SHORTER, storage=storage)
     keys = dag.cache_keys(dag.graph(), cfg)
     st = store.Store(storage)
     for stage, key in keys.items():

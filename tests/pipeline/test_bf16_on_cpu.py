@@ -50,6 +50,7 @@ def test_bf16_loss_and_gradients_match_fp32_on_the_cpu(monkeypatch):
     assert not torch.equal(grads[0], grads[1])  # bf16 did run
 
 
+@pytest.mark.slow
 def test_teacher_and_distill_train_in_bf16_on_the_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv(CPU_BF16, "1")
     cfg = C.load_config("ci", ["executor=inline", "teacher.duration_nimg=128", "teacher.snapshot_nimg=64",

@@ -108,6 +108,7 @@ class KilledAfterFirstCheckpoint(InlineExecutor):
         train_fn(Dies(job), args)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["dmd with validation", "dmd2", "dmd with validation and ema"])
 def test_killed_and_rerun_distillation_equals_an_uninterrupted_one(pairs_store, tmp_path, method):
     students, validations = {}, {}
@@ -173,6 +174,7 @@ def test_a_step_is_k_minus_1_fresh_fake_updates_then_one_on_gs_batch_then_g(stor
     assert all(torch.equal(a, b) for a, b in zip(fake_inputs, dm_inputs))
 
 
+@pytest.mark.slow
 def test_a_latent_model_distills_with_the_vae_or_the_lighter_lpips_decoder(tmp_path):
     vae, decoder = save_tiny_vae(tmp_path / "vae"), save_tiny_decoder(tmp_path / "taesd")
     rows = {}
@@ -294,6 +296,7 @@ def test_a_run_the_divergence_guard_stops_commits_its_best_validated_student_and
     assert validation["kept"]["nimg"] < 96 and _rescore(cfg) == pytest.approx(validation["kept"]["fd_probe"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_the_student_is_gs_power_function_ema_and_validation_scores_it(storage):
     # G's own weights after one and after two steps, then the same two steps with an EMA at sigma_rel 0.1:
     # its student is beta theta_1 + (1 - beta) theta_2, beta = (1 - batch / nimg)^(gamma + 1)

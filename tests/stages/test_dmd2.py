@@ -200,6 +200,7 @@ def _gaussian_run(gan_g_weight: float, steps: int = 150, **distill: float) -> fl
     return float(generator.shift.detach().mean())
 
 
+@pytest.mark.slow
 def test_on_a_gaussian_the_gan_term_moves_g_from_the_teachers_bias_toward_the_real_data():
     dm_only, with_gan = _gaussian_run(0.0), _gaussian_run(1.0)
     assert abs(dm_only) < 0.15  # distribution matching alone keeps G on the teacher's mean, 0

@@ -6,6 +6,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from helpers import save_random_inception
 from PIL import Image
 
@@ -40,6 +41,7 @@ def _artifact(cfg: C.Config, stage: str) -> store.Artifact:
     return store.Store(cfg.storage).artifact(stage, dag.cache_keys(dag.graph(), cfg)[stage])
 
 
+@pytest.mark.slow
 def test_evaluate_reports_every_model_and_the_real_row(tmp_path):
     weights = save_random_inception(tmp_path / "inception.pt")
     cfg = C.load_config("ci", [*TINY, f"refstats.inception_weights={weights}"], storage=str(tmp_path / "store"))

@@ -171,6 +171,7 @@ def test_a_repaired_piece_with_other_bytes_remakes_the_stages_downstream(tmp_pat
     assert integrity.verify(cfg, ["encode"], InlineExecutor())[1] == []
 
 
+@pytest.mark.slow
 def test_under_ray_a_damaged_shard_is_the_same_one_line_error_from_a_task_and_from_ray_train(ray_session, tmp_path):
     cfg = C.load_config("ci", [s for s in SMALL if s != "executor=inline"] + ["teacher.max_failures=0"],
                         storage=str(tmp_path))

@@ -18,6 +18,8 @@ from pipeline.evaluation import EvalJob, Model, References, Tally, score
 from pipeline.data.split import read_split
 from pipeline.weights import load_probe
 
+pytestmark = pytest.mark.slow  # its fixture trains the probe through the stage until it tells the shapes apart
+
 # 2000 16-px shapes (10 classes), 400 held out; a probe small enough to train in seconds.
 PROBE = ["encode.num_images=2000", "encode.shard_size=700", "probe.holdout=0.2", "probe.epochs=20", "probe.batch=32",
          "probe.channels=[16,32,64]", "probe.feature_dim=64", "probe.num_cpus=2"]

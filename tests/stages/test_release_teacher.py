@@ -41,6 +41,7 @@ def release(tmp_path) -> dict[str, Path]:
             "guide": E.write(tmp_path / "release" / "edm2-img16-xs-uncond-2147483-0.045.pkl", E.snapshot(E.precond(2, label_dim=0)))}
 
 
+@pytest.mark.slow
 def test_a_released_teacher_and_its_guide_run_the_dag_without_training(release, tmp_path, capsys):
     guided = [f"teacher.source=edm2-release", f"teacher.release={release['teacher']}", "phema.sigma_rels=[0.13]",
               "pairs.sigma_rel=0.13", f"pairs.guide={release['guide']}", "pairs.guidance=1.5", "pairs.num_pairs=8",

@@ -111,6 +111,7 @@ def _one_step(session, args):
     session.report({}, None)
 
 
+@pytest.mark.slow
 def test_two_ddp_workers_match_one_worker(ray_session, tmp_path):
     cfg = C.load_config("ci").teacher
     net_config = build_denoiser("ci", 16, 3, 10).config
@@ -143,6 +144,7 @@ def _crash_once(session, args):
     T.train_worker(session, loop_args)
 
 
+@pytest.mark.slow
 def test_ray_train_resumes_from_checkpoint_after_a_lost_worker(ray_session, tmp_path):
     cfg, encode = _encoded(str(tmp_path / "data"))
     whole = store.Artifact(str(tmp_path / "whole"))

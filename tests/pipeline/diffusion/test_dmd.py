@@ -301,6 +301,7 @@ def test_lpips_download_failure_says_how_to_work_offline(
         load_lpips("resnet")
 
 
+@pytest.mark.slow  # a full-size AlexNet saved and read twice
 def test_lpips_backbone_from_a_weights_file_or_url(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     torch.manual_seed(3)

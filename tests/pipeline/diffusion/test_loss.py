@@ -102,6 +102,7 @@ def stripes(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Ten
     return images[:, None], labels
 
 
+@pytest.mark.slow
 def test_adam_on_tiny_unet_reduces_loss() -> None:
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)

@@ -20,6 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.metrics import dinov2
 
+pytestmark = pytest.mark.slow  # a full-size ViT-L/14 on the CPU: seconds per image
+
 OFFICIAL_GRID = 37  # 518 / 14: the grid both weight files store
 
 
@@ -87,6 +89,7 @@ def small_features(loaded: dinov2.Dinov2Features, small_images: np.ndarray) -> n
     return loaded.features(small_images)
 
 
+@pytest.mark.slow
 def test_official_and_timm_files_by_path_and_url_are_the_same_network(
     files: dict[str, Path], loaded: dinov2.Dinov2Features, small_images: np.ndarray,
     small_features: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -1,6 +1,7 @@
 """The probe classifier: its held-out split, its augmentation, and that it learns labels, not noise."""
 
 import numpy as np
+import pytest
 import torch
 
 from pipeline.data.sources import SyntheticSource
@@ -39,6 +40,7 @@ def _train(shuffle: bool) -> float:
     return float((predicted == y[hold].numpy()).mean())
 
 
+@pytest.mark.slow
 def test_the_probe_learns_shapes_but_not_shuffled_labels(one_thread):
     assert _train(shuffle=False) > 0.8
     assert _train(shuffle=True) < 0.2  # chance is 0.1: nothing to learn from shuffled labels
