@@ -229,6 +229,7 @@ def _rescore(cfg: C.Config) -> float:
     return figures["fd_probe"]
 
 
+@pytest.mark.slow
 def test_keep_best_commits_the_best_validated_student_when_the_last_steps_are_made_worse(storage, monkeypatch):
     _sabotage_g_after(monkeypatch, 8)  # steps 9-12 (images 72-96) wreck G: the validation at 96 is the worst
     cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=96", "distill.early_stop_patience=0", *NO_GUARD)
@@ -256,6 +257,7 @@ def test_keep_last_never_stops_early_and_commits_the_last_step_even_when_it_is_w
     assert _rescore(cfg) == pytest.approx(out["validation"]["kept"]["fd_probe"], rel=1e-6)
 
 
+@pytest.mark.slow
 def test_a_collapse_stops_the_run_early_keeps_the_best_student_and_the_manifest_says_so(storage, monkeypatch, caplog):
     closed = []
     monkeypatch.setattr(tracking.LiveLog, "close", lambda live: closed.append(live.run.stage))
@@ -287,6 +289,7 @@ def test_a_student_kept_from_before_any_step_is_committed_with_a_warning(storage
     assert "Try a lower distill.lr and distill.fake_lr (now 0.0001, 0.0001)" in warning
 
 
+@pytest.mark.slow
 def test_a_run_the_divergence_guard_stops_commits_its_best_validated_student_and_says_why(storage, monkeypatch):
     _sabotage_g_after(monkeypatch, 8)  # the fake score's loss leaves its range: the guard stops the run at 96
     cfg = _cfg(storage, *VALIDATION, "distill.duration_nimg=160", "distill.early_stop_patience=0")
@@ -367,6 +370,7 @@ def test_a_student_that_lost_its_classes_says_so_and_one_that_held_them_does_not
     assert "the student has lost its classes: class accuracy 70.0% on validation against its teacher's 90.0%" in caplog.text
 
 
+@pytest.mark.slow
 def test_distill_records_its_student_beside_the_teacher_figures_pairs_measured(storage, monkeypatch):
     _sabotage_g_after(monkeypatch, 0)  # every step wrecks G: the student kept (the last) draws colour noise
     cfg = _cfg(storage, *VALIDATION, "distill.val_images=32", "distill.duration_nimg=32", "distill.keep=last",
