@@ -100,8 +100,6 @@ class EncodeOutputs(Outputs):
 
 @dataclass(frozen=True)
 class ProbeOutputs(Outputs):
-    FILES: ClassVar[dict[str, str]] = {"split": "split.parquet", "reference": "reference.npz", "weights": "probe.safetensors",
-                                       "config": "probe.json"}
     enabled: bool
     num_classes: int | None = optional()
     resolution: int | None = optional()
@@ -132,10 +130,6 @@ class TeacherOutputs(Outputs):
     train_wall_time_s: float | None = optional()
     source: str | None = optional()  # a release: edm2-release | edm2-snapshots
     release: dict[str, Any] | None = optional()  # {url, nimg, sigma_rel} of a release
-
-    @property
-    def trained(self) -> bool:
-        return self.source is None
 
 
 @dataclass(frozen=True)
@@ -197,7 +191,7 @@ class Student(Record):
 @dataclass(frozen=True)
 class DistillOutputs(Outputs):
     FILES: ClassVar[dict[str, str]] = {"weights": "student.safetensors", "config": "student.json",
-                                       "metrics": "metrics.jsonl", "validation": "validation.json"}
+                                       "metrics": "metrics.jsonl"}
     student: Student
     teacher: ChosenTeacher
     validation: dict[str, Any]
@@ -207,7 +201,7 @@ class DistillOutputs(Outputs):
 
 @dataclass(frozen=True)
 class EvalOutputs(Outputs):
-    FILES: ClassVar[dict[str, str]] = {"results": "results.json", "report": "report.html"}
+    FILES: ClassVar[dict[str, str]] = {"results": "results.json"}
     metric: str
     models: list[dict[str, Any]]
     best_sigma_rel: float

@@ -6,7 +6,7 @@ module when the stage runs, and nothing else does.
 """
 
 from pipeline import outputs as O
-from pipeline.stage import DDP, DRIVER, MAP, Stage
+from pipeline.stage import DDP, MAP, Stage
 
 STAGES: tuple[Stage, ...] = (
     # 2: synthetic classes differ by shape only (colour random per image); 3: folders sampled by class
@@ -37,5 +37,3 @@ STAGES: tuple[Stage, ...] = (
           runs=MAP, run="stages.evaluate:run", outputs=O.EvalOutputs,
           headline=("student_over_best_teacher", "student_class_accuracy", "best_teacher_class_accuracy")),
 )
-
-__all__ = ["DDP", "DRIVER", "MAP", "STAGES"]
